@@ -1,0 +1,147 @@
+"""
+The policy: load a causal LM and its tokenizer, sample completions, and compute per-token
+log-probs and entropies.
+
+Every model goes through `load_policy`, which calls `AutoModelForCausalLM.from_pretrained`
+and `AutoTokenizer.from_pretrained`: a hub id, a local directory, or a short alias such as
+`Qwen2.5-0.5B`. The default tiny model is no exception: `make_tiny_model` builds a small
+Qwen2 (the architecture of Qwen2.5) with random weights and a character-level tokenizer,
+saves both with `save_pretrained`, and the trainer loads that folder like any other.
+
+Log-probs (one function for policy, old and reference):
+    logp[b, t] = log softmax(logits[b, t] / temperature)[ids[b, t + 1]]
+    entropy[b, t] = logsumexp(z) - sum softmax(z) * z,   z = logits[b, t] / temperature
+"""
+import os
+
+import torch
+
+QWEN_SIZES = ["0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B"]
+ALIASES = {f"Qwen2.5-{s}{i}": f"Qwen/Qwen2.5-{s}{i}" for s in QWEN_SIZES for i in ("", "-Instruct")}
+TINY_CHARS = list("0123456789+-*/()=,;:. ") + list("abcdefghijklmnopqrstuvwxyzAJQK")
+
+
+def make_tiny_model(path: str, n_layer=4, n_embd=128, n_head=4, max_len=128, seed=0):
+    """Write a randomly initialised tiny Qwen2 and a character-level tokenizer to `path`."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    specials = ["<pad>", "<eos>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + TINY_CHARS)}
+    # a BPE model with no merges splits text into single characters
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()  # join characters back without spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                  eos_token="<eos>", unk_token="<unk>")
+    config = Qwen2Config(vocab_size=len(vocab), hidden_size=n_embd, intermediate_size=4 * n_embd,
+                         num_hidden_layers=n_layer, num_attention_heads=n_head,
+                         num_key_value_heads=n_head, max_position_embeddings=max_len,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def load_policy(name_or_path: str, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) from a hub id, an alias or a local folder. Raises ValueError with a
+    one-line message when the model cannot be found or loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    name = ALIASES.get(name_or_path, name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        where = "local folder" if os.path.isdir(name) else "hub id (no network or cache?)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load model {name_or_path!r} as a {where}: {first}") from None
+    if tok.pad_token is None:  # Qwen base and many others: pad with EOS, masks never read pad
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # prompts end at the same column, so completions start together
+    return model.to(device), tok
+
+
+def eos_ids(tok, model):
+    """Token ids that end a completion: the tokenizer's EOS and the model's generation EOS."""
+    ids = {tok.eos_token_id}
+    gen = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(gen if isinstance(gen, list) else [gen])
+    return sorted(i for i in ids if i is not None)
+
+
+# ---------------------------------------------------------------------------- masks
+def completion_mask(completions: torch.Tensor, eos: list) -> torch.Tensor:
+    """(N, T) 1 up to and including the first EOS, 0 after; all 1 if no EOS was sampled.
+    Built from positions, never from pad values (pad may equal EOS)."""
+    is_eos = torch.isin(completions, torch.tensor(eos, device=completions.device))
+    T = completions.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    return (torch.arange(T, device=completions.device)[None, :] <= first[:, None]).float()
+
+
+# ---------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample(model, tok, prompts: list, G: int, temperature: float, max_new_tokens: int,
+           greedy: bool = False):
+    """G completions per prompt. Returns prompt_ids (B*G, P), prompt_mask (B*G, P),
+    completions (B*G, C), completion mask (B*G, C), texts (B*G,), rows in prompt-major
+    order: prompt b's samples are rows b*G .. b*G+G-1."""
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    device = next(model.parameters()).device
+    ids = enc.input_ids.repeat_interleave(G, 0).to(device)           # (B*G, P)
+    attn = enc.attention_mask.repeat_interleave(G, 0).to(device)     # (B*G, P)
+    eos = eos_ids(tok, model)
+    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
+                                                       top_k=0, top_p=1.0)
+    out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos, pad_token_id=tok.pad_token_id, **kwargs)
+    completions = out[:, ids.shape[1]:]                               # (B*G, C)
+    mask = completion_mask(completions, eos)
+    lengths = mask.sum(1).long().tolist()
+    texts = tok.batch_decode([c[:n] for c, n in zip(completions.tolist(), lengths)],
+                             skip_special_tokens=True)
+    return ids, attn, completions, mask, texts
+
+
+# ---------------------------------------------------------------------------- log-probs
+def token_logprobs(model, ids, attn, temperature: float = 1.0, with_entropy: bool = False,
+                   params=None):
+    """Per-token log-probs of ids[:, 1:] given the prefix, (N, T-1) in float32, and the
+    entropy of each next-token distribution if asked. `params` evaluates the model at other
+    weights (torch.func.functional_call), as the meta-gradient's look-ahead needs."""
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate()
+    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids)
+    if params is None:
+        logits = model(**inputs).logits
+    else:
+        logits = torch.func.functional_call(model, params, args=(), kwargs=inputs).logits
+    z = logits[:, :-1].float() / temperature                           # (N, T-1, V)
+    lse = torch.logsumexp(z, -1)                                        # (N, T-1)
+    logp = z.gather(-1, ids[:, 1:, None]).squeeze(-1) - lse            # (N, T-1)
+    if not with_entropy:
+        return logp, None
+    entropy = lse - (torch.softmax(z, -1) * z).sum(-1)                 # (N, T-1)
+    return logp, entropy
+
+
+def sft_batch(tok, prompts: list, demos: list, device):
+    """Prompt + demonstration + EOS per row, left-padded. Returns ids (B, T), attn (B, T)
+    and the loss mask (B, T-1) aligned with token_logprobs: 1 on demonstration tokens and
+    EOS, 0 on prompt and pad."""
+    rows, n_prompt = [], []
+    for p, d in zip(prompts, demos):
+        p_ids = tok(p, add_special_tokens=False).input_ids
+        d_ids = tok(d, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        rows.append(p_ids + d_ids)
+        n_prompt.append(len(p_ids))
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros(len(rows), T, dtype=torch.long)
+    loss_mask = torch.zeros(len(rows), T - 1)
+    for b, (r, n) in enumerate(zip(rows, n_prompt)):
+        start = T - len(r)
+        ids[b, start:], attn[b, start:] = torch.tensor(r), 1
+        loss_mask[b, start + n - 1:] = 1  # logp[t] predicts token t+1
+    return ids.to(device), attn.to(device), loss_mask.to(device)
