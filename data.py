@@ -61,48 +61,69 @@ def solve(values, target: int):
     return search([(Fraction(v), str(v), True) for v in values])
 
 
+def reshuffle(row: dict, rng: random.Random) -> dict:
+    """The same hand with its cards in a new order (and the demonstration for that order):
+    training sees every hand in many orders, so the policy cannot lean on one."""
+    cards = list(row["cards"])
+    rng.shuffle(cards)
+    values = [card_value(c, row["rule"]) for c in cards]
+    return dict(row, cards=cards, values=values, prompt=make_prompt(cards, row["target"], row["rule"]),
+                demo=solve(values, row["target"]))
+
+
 # ---------------------------------------------------------------------------- splits
 def all_hands(n_cards: int):
     """Every multiset of n ranks, as sorted tuples (ranks are drawn with replacement)."""
     return list(itertools.combinations_with_replacement(RANKS, n_cards))
 
 
-def general_points_rows(hands, target: int, rule: str, rng: random.Random):
-    """One row per solvable hand, cards shown in a random order."""
+def general_points_rows(hands, target: int, rule: str, rng: random.Random, orders: int = 1):
+    """Rows for the solvable hands, each hand shown in up to `orders` distinct card orders
+    (test splits use several, so accuracy is measured on more prompts without more hands)."""
     rows = []
     for hand in hands:
-        cards = list(hand)
-        rng.shuffle(cards)
-        values = [card_value(c, rule) for c in cards]
-        demo = solve(values, target)
-        if demo is not None:
-            rows.append({"prompt": make_prompt(cards, target, rule), "demo": demo,
-                         "values": values, "target": target})
+        perms = sorted(set(itertools.permutations(hand)))
+        rng.shuffle(perms)
+        for cards in perms[:orders]:
+            rows += _row(list(cards), target, rule)
     return rows
 
 
-def general_points(n_cards: int = 3, target: int = 10, test_frac: float = 0.2,
-                   val_frac: float = 0.1, seed: int = 0):
+def _row(cards, target, rule):
+    values = [card_value(c, rule) for c in cards]
+    demo = solve(values, target)
+    if demo is None:
+        return []
+    return [{"prompt": make_prompt(cards, target, rule), "demo": demo, "values": values,
+             "target": target, "cards": cards, "rule": rule}]
+
+
+def split_hands(hands, target: int, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_orders=6):
     """{'train', 'val', 'test', 'test_ood'} lists of rows. Hands are shuffled with `seed` and
-    split by multiset, so test and val hands never appear in train."""
+    split by multiset, so val and test hands never appear in train; val and test show each
+    hand in up to `eval_orders` card orders. test_ood is the test hands under the OOD rule."""
     rng = random.Random(seed)
-    hands = all_hands(n_cards)
+    hands = list(hands)
     rng.shuffle(hands)
-    n_test, n_val = int(len(hands) * test_frac), int(len(hands) * val_frac)
+    n_test, n_val = max(1, int(len(hands) * test_frac)), max(1, int(len(hands) * val_frac))
     test, val, train = hands[:n_test], hands[n_test:n_test + n_val], hands[n_test + n_val:]
     return {"train": general_points_rows(train, target, "id", rng),
-            "val": general_points_rows(val, target, "id", rng),
-            "test": general_points_rows(test, target, "id", rng),
-            "test_ood": general_points_rows(test, target, "ood", rng)}
+            "val": general_points_rows(val, target, "id", rng, eval_orders),
+            "test": general_points_rows(test, target, "id", rng, eval_orders),
+            "test_ood": general_points_rows(test, target, "ood", rng, eval_orders)}
+
+
+def general_points(n_cards: int = 3, target: int = 10, seed: int = 0):
+    """The built-in task: every multiset of n_cards ranks, split 70/10/20."""
+    return split_hands(all_hands(n_cards), target, seed)
 
 
 def hands_from_file(path: str, target: int, seed: int = 0):
-    """Splits like general_points(), but from a local .jsonl/.json file of hands."""
+    """Splits like general_points(), but of the hands in a local .jsonl/.json file."""
     import datasets  # imported here: only this loader needs it
-    fmt = "json" if path.endswith((".jsonl", ".json")) else None
-    if fmt is None:
+    if not path.endswith((".jsonl", ".json")):
         raise ValueError(f"--task {path}: expected a .jsonl or .json file of hands")
-    ds = datasets.load_dataset(fmt, data_files=path, split="train")
+    ds = datasets.load_dataset("json", data_files=path, split="train")
     if "cards" not in ds.column_names:
         raise ValueError(f"--task {path}: rows need a 'cards' field (list of ranks), "
                          f"found {ds.column_names}")
@@ -113,14 +134,7 @@ def hands_from_file(path: str, target: int, seed: int = 0):
             raise ValueError(f"--task {path}: row {i} 'cards' must be a list of ranks from "
                              f"{' '.join(RANKS)}, got {cards!r}")
         hands.append(tuple(str(c) for c in cards))
-    rng = random.Random(seed)
-    rng.shuffle(hands)
-    n_test, n_val = max(1, len(hands) // 5), max(1, len(hands) // 10)
-    test, val, train = hands[:n_test], hands[n_test:n_test + n_val], hands[n_test + n_val:]
-    splits = {"train": general_points_rows(train, target, "id", rng),
-              "val": general_points_rows(val, target, "id", rng),
-              "test": general_points_rows(test, target, "id", rng),
-              "test_ood": general_points_rows(test, target, "ood", rng)}
+    splits = split_hands(hands, target, seed)
     if not splits["train"]:
         raise ValueError(f"--task {path}: no hand in the training split is solvable for "
                          f"target {target}")

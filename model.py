@@ -18,20 +18,18 @@ import torch
 
 QWEN_SIZES = ["0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B"]
 ALIASES = {f"Qwen2.5-{s}{i}": f"Qwen/Qwen2.5-{s}{i}" for s in QWEN_SIZES for i in ("", "-Instruct")}
-TINY_CHARS = list("0123456789+-*/()=,;:. ") + list("abcdefghijklmnopqrstuvwxyzAJQK")
+TINY_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # printable ASCII and newline
 
 
 def make_tiny_model(path: str, n_layer=4, n_embd=128, n_head=4, max_len=128, seed=0):
-    """Write a randomly initialised tiny Qwen2 and a character-level tokenizer to `path`."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    """Write a randomly initialised tiny Qwen2 and a character-level Qwen2 tokenizer to `path`.
+    The tokenizer is Qwen2's own class (byte-level BPE) with one token per character and no
+    merges, so it saves, reloads and decodes exactly like Qwen2.5's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+    byte_level = {" ": "\u0120", "\n": "\u010a"}  # how byte-level BPE spells space and newline
     specials = ["<pad>", "<eos>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + TINY_CHARS)}
-    # a BPE model with no merges splits text into single characters
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()  # join characters back without spaces
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                  eos_token="<eos>", unk_token="<unk>")
+    vocab = {t: i for i, t in enumerate(specials + [byte_level.get(c, c) for c in TINY_CHARS])}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
     config = Qwen2Config(vocab_size=len(vocab), hidden_size=n_embd, intermediate_size=4 * n_embd,
                          num_hidden_layers=n_layer, num_attention_heads=n_head,
                          num_key_value_heads=n_head, max_position_embeddings=max_len,
@@ -57,10 +55,23 @@ def load_policy(name_or_path: str, dtype=torch.float32, device="cpu"):
         where = "local folder" if os.path.isdir(name) else "hub id (no network or cache?)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load model {name_or_path!r} as a {where}: {first}") from None
+    if dtype == torch.float64:
+        _norms_in_float64(model)
     if tok.pad_token is None:  # Qwen base and many others: pad with EOS, masks never read pad
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # prompts end at the same column, so completions start together
     return model.to(device), tok
+
+
+def _norms_in_float64(model):
+    """RMSNorm in transformers computes in float32, which in a float64 model rounds every
+    activation to float32. --dtype float64 exists for exact numerical checks (the meta-gradient
+    tests), so there the norms keep float64: same formula, no cast."""
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = forward.__get__(module)
 
 
 def eos_ids(tok, model):
@@ -109,7 +120,7 @@ def sample(model, tok, prompts: list, G: int, temperature: float, max_new_tokens
 def token_logprobs(model, ids, attn, temperature: float = 1.0, with_entropy: bool = False,
                    params=None):
     """Per-token log-probs of ids[:, 1:] given the prefix, (N, T-1) in float32, and the
-    entropy of each next-token distribution if asked. `params` evaluates the model at other
+    entropy of each next-token distribution if asked; float32 (float64 for a float64 model). `params` evaluates the model at other
     weights (torch.func.functional_call), as the meta-gradient's look-ahead needs."""
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate()
     inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids)
@@ -117,7 +128,7 @@ def token_logprobs(model, ids, attn, temperature: float = 1.0, with_entropy: boo
         logits = model(**inputs).logits
     else:
         logits = torch.func.functional_call(model, params, args=(), kwargs=inputs).logits
-    z = logits[:, :-1].float() / temperature                           # (N, T-1, V)
+    z = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (N, T-1, V)
     lse = torch.logsumexp(z, -1)                                        # (N, T-1)
     logp = z.gather(-1, ids[:, 1:, None]).squeeze(-1) - lse            # (N, T-1)
     if not with_entropy:

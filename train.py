@@ -102,7 +102,7 @@ def check(cfg: Config):
         (0 <= cfg.mu0 <= 1, "--mu0 must be in [0, 1]"),
         (cfg.group_size >= 2, "--group-size (G) must be at least 2: advantages compare samples of one prompt"),
         (cfg.steps >= 1 and cfg.batch_size >= 1 and cfg.max_new_tokens >= 1, "--steps, --batch-size and --max-new-tokens must be >= 1"),
-        (0 <= cfg.warmup <= cfg.steps, "--warmup must be between 0 and --steps"),
+        (cfg.warmup >= 0, "--warmup must be >= 0 (a warm-up as long as --steps is pure SFT)"),
         (cfg.meta_every >= 1 and cfg.eval_every >= 1 and cfg.val_prompts >= 1, "--meta-every, --eval-every, --val-prompts must be >= 1"),
         (cfg.temperature > 0 and cfg.lr > 0, "--temperature and --lr must be > 0"),
         (1 <= cfg.cards <= 5, "--cards must be between 1 and 5"),
@@ -179,7 +179,7 @@ def main(cfg: Config):
     alpha = cfg.meta_alpha or cfg.lr
     train_rows, val_rows = splits["train"], splits["val"] or splits["train"]
     before = {"id": evaluate(model, tok, splits["test"], cfg), "ood": evaluate(model, tok, splits["test_ood"], cfg)}
-    print(f"{cfg.method}: {len(train_rows)} train / {len(splits['val'])} val / {len(splits['test'])} test hands; "
+    print(f"{cfg.method}: {len(train_rows)} train / {len(splits['val'])} val / {len(splits['test'])} test prompts; "
           f"before training ID {before['id']:.3f} OOD {before['ood']:.3f}")
 
     mu = {"sft": 1.0, "grpo": 0.0}.get(cfg.method, cfg.mu0)
@@ -191,7 +191,7 @@ def main(cfg: Config):
         t0 = time.time()
         if len(order) < cfg.batch_size:  # epochs over the training hands, reshuffled
             order += random.sample(range(len(train_rows)), len(train_rows))
-        rows = [train_rows[order.pop()] for _ in range(cfg.batch_size)]
+        rows = [data.reshuffle(train_rows[order.pop()], random) for _ in range(cfg.batch_size)]
         prompts = [r["prompt"] for r in rows]
         warm = cfg.method != "grpo" and step < cfg.warmup
         use_rl = cfg.method != "sft" and not warm

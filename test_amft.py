@@ -1,0 +1,321 @@
+"""
+Tests, offline on a CPU:  HF_HUB_OFFLINE=1 python -m pytest -q test_amft.py
+
+A tiny Qwen2 is built from a config and saved once per session; everything else (sampling,
+log-probs, losses, meta-gradients, the CLI) runs on it for real.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import amft
+import data
+import model as policy
+from rewards import general_points_reward, parse_formula
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    return policy.make_tiny_model(str(tmp_path_factory.mktemp("tiny")), n_layer=2, n_embd=32, n_head=2)
+
+
+@pytest.fixture(scope="session")
+def tiny64(tiny_path):
+    return policy.load_policy(tiny_path, dtype=torch.float64)
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=HERE)
+
+
+# ---------------------------------------------------------------------------- verifier
+@pytest.mark.parametrize("completion,values,target,expected", [
+    ("3*(4-1)+1", [3, 4, 1, 1], 10, 1.0),
+    ("(10-4)*(1+3)", [10, 4, 1, 3], 24, 1.0),
+    ("8/(3-8/3)", [8, 3, 8, 3], 24, 1.0),      # needs exact fractions: 8/(1/3) = 24
+    ("8/(3-8/3) = 24\nmore text", [8, 3, 8, 3], 24, 1.0),
+    ("2×5", [2, 5], 10, 1.0),
+    ("3*(4-1)", [3, 4, 1, 1], 10, 0.0),        # a card left out
+    ("3*(4-1)+1+1", [3, 4, 1, 1], 10, 0.0),    # a card used twice
+    ("3*4-1-1", [3, 4, 1, 1], 10, 1.0),
+    ("3*4-1", [3, 4, 1, 1], 10, 0.0),
+    ("2+3+4+1", [2, 3, 4, 1], 24, 0.0),        # right cards, wrong value
+    ("10/(5-5)+2", [10, 5, 5, 2], 24, 0.0),    # division by zero
+    ("", [1, 2], 3, 0.0),
+    ("1+", [1, 2], 3, 0.0),
+    ("((1+2)", [1, 2], 3, 0.0),
+    ("one plus two", [1, 2], 3, 0.0),
+    ("1.5+1.5", [1.5, 1.5], 3, 0.0),           # only integer literals are cards
+    ("-1+4", [1, 4], 3, 0.0),                  # no unary minus
+    ("((((1+2))))", [1, 2], 3, 1.0),           # redundant parentheses are fine
+])
+def test_verifier_cases(completion, values, target, expected):
+    assert general_points_reward(completion, values, target) == expected
+
+
+@pytest.mark.parametrize("hostile", [
+    "__import__('os').system('echo pwned')", "().__class__.__bases__[0]", "open('/etc/passwd')",
+    "9**9**9**9", "2**10000000", "[1]*10**9", "lambda: 1", "(" * 5000 + "1" + ")" * 5000,
+    "1+(" * 20 + "1" + ")" * 20, "1" + "+1" * 5000, "9" * 100000, "\x00\x01", "1 if 1 else 2",
+])
+def test_verifier_hostile_input_scores_zero_fast(hostile):
+    t = time.time()
+    assert general_points_reward(hostile, [1, 2], 3) == 0.0
+    assert parse_formula(hostile) is None
+    assert time.time() - t < 0.5
+
+
+def test_solver_demonstrations_all_verify():
+    splits = data.general_points(3, 10)
+    assert all(len(s) > 0 for s in splits.values())
+    for rows in splits.values():
+        for r in rows:
+            assert general_points_reward(r["demo"], r["values"], r["target"]) == 1.0, r
+    assert data.solve([1, 1, 1], 24) is None
+    assert general_points_reward(data.solve([8, 3, 8, 3], 24), [8, 3, 8, 3], 24) == 1.0
+
+
+def test_task_needs_search_and_splits_are_disjoint():
+    import re
+    splits = data.general_points(3, 10)
+    key = lambda r: tuple(sorted(r["cards"]))
+    assert not {key(r) for r in splits["train"]} & {key(r) for r in splits["test"]}
+    patterns = {re.sub(r"\d+", "n", r["demo"]) for r in splits["train"]}
+    assert len(patterns) >= 5  # no single formula shape solves the task
+    # OOD differs only by the face-card rule: same hands, J/Q/K valued 11/12/13
+    ood = [r for r in splits["test_ood"] if "K" in r["cards"]]
+    assert ood and all(13 in r["values"] for r in ood) and "J,Q,K=11,12,13" in ood[0]["prompt"]
+
+
+def test_task_file_is_loaded_with_datasets_and_checked(tmp_path):
+    good = tmp_path / "hands.jsonl"
+    hands = data.all_hands(3)[:120]
+    good.write_text("\n".join(json.dumps({"cards": list(h)}) for h in hands))
+    splits = data.hands_from_file(str(good), target=10)
+    assert len(splits["train"]) > 0 and all(r["target"] == 10 for r in splits["train"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"hand": ["3", "4"]}) + "\n")
+    with pytest.raises(ValueError, match="'cards'"):
+        data.hands_from_file(str(bad), target=10)
+
+
+# ---------------------------------------------------------------------------- policy
+def test_tokenizer_round_trip_after_reload(tiny_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    text = "cards 3 J 5; J,Q,K=10; make 10: 5*(3-J)"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) == len(text) and tok.decode(ids) == text
+
+
+def test_logprobs_match_model_cross_entropy(tiny64):
+    model, tok = tiny64
+    ids = torch.randint(3, len(tok), (2, 9))
+    attn = torch.ones_like(ids)
+    logp, ent = policy.token_logprobs(model, ids, attn, with_entropy=True)
+    ce = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    torch.testing.assert_close(logp, -ce)
+    assert (ent > 0).all() and (ent <= torch.log(torch.tensor(float(len(tok))))).all()
+    # left padding does not change a row's log-probs (positions follow the attention mask)
+    padded = torch.cat([torch.full((1, 3), tok.pad_token_id), ids[:1]], 1)
+    pattn = torch.cat([torch.zeros(1, 3, dtype=torch.long), attn[:1]], 1)
+    torch.testing.assert_close(policy.token_logprobs(model, padded, pattn)[0][:, 3:], logp[:1])
+
+
+def test_completion_mask_keeps_first_eos_when_pad_equals_eos():
+    eos = 1
+    comps = torch.tensor([[5, 7, eos, eos, eos], [5, 7, 8, 9, 6], [eos, eos, eos, eos, eos]])
+    mask = policy.completion_mask(comps, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_sampling_shapes_and_stop(tiny64):
+    model, tok = tiny64
+    torch.manual_seed(0)
+    ids, attn, comp, mask, texts = policy.sample(model, tok, ["cards 1 2; make 3: ", "x"], 3, 1.0, 6)
+    assert ids.shape[0] == comp.shape[0] == 6 and len(texts) == 6 and comp.shape[1] <= 6
+    assert (mask.sum(1) >= 1).all()
+
+
+# ---------------------------------------------------------------------------- GRPO
+def test_zero_std_groups_get_zero_advantage():
+    r = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    A, frac = amft.group_advantages(r)
+    assert A[0].abs().sum() == 0 and A[2].abs().sum() == 0 and frac == pytest.approx(2 / 3)
+    assert A[1, 1] > 0 > A[1, 0] and A[1].sum().abs() < 1e-6
+
+
+def test_grpo_gradient_raises_positive_and_lowers_negative(tiny64):
+    model, tok = tiny64
+    prompt = tok(["make 3: "] * 2, return_tensors="pt", add_special_tokens=False)
+    comp = torch.tensor([tok("1+2", add_special_tokens=False).input_ids + [tok.eos_token_id],
+                         tok("2*1", add_special_tokens=False).input_ids + [tok.eos_token_id]])
+    cmask = torch.ones_like(comp, dtype=torch.float64)
+    full, attn = torch.cat([prompt.input_ids, comp], 1), torch.ones(2, prompt.input_ids.shape[1] + comp.shape[1], dtype=torch.long)
+    P = prompt.input_ids.shape[1]
+    seq_logp = lambda: policy.token_logprobs(model, full, attn)[0][:, P - 1:].sum(1)
+    before = seq_logp().detach()
+    logp = policy.token_logprobs(model, full, attn)[0][:, P - 1:]
+    loss, _ = amft.grpo_loss(logp, logp.detach(), torch.tensor([1.0, -1.0], dtype=torch.float64), cmask)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p -= 1e-2 * g
+        after = seq_logp()
+        for p, g in zip(model.parameters(), grads):  # undo: the fixture is shared
+            p += 1e-2 * g
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_grpo_clip_and_k3_kl():
+    logp = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, 0.0]])  # ratio e on token 0: outside 1 + eps_high
+    loss, m = amft.grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 2))
+    assert m["clip_frac"] == 0.5 and loss.item() == pytest.approx(-(1.28 + 1.0) / 2)
+    loss, m = amft.grpo_loss(logp, logp.detach(), torch.tensor([0.0]), torch.ones(1, 2), beta=0.1, ref_logp=logp.detach())
+    assert m["kl"] == 0.0
+    _, m = amft.grpo_loss(logp, logp.detach(), torch.tensor([0.0]), torch.ones(1, 2), beta=0.1, ref_logp=old)
+    assert m["kl"] > 0
+
+
+# ---------------------------------------------------------------------------- meta-gradient
+def _meta_setup(model, tok):
+    """Real g_SFT and g_RL on the float64 tiny model, and a U_sur on fixed rollouts."""
+    torch.manual_seed(0)
+    params = {n: p for n, p in model.named_parameters()}
+    ids, attn, lmask = policy.sft_batch(tok, ["make 3: ", "make 2: "], ["1+2", "1*2"], "cpu")
+    g_sft = dict(zip(params, torch.autograd.grad(amft.sft_loss(policy.token_logprobs(model, ids, attn)[0], lmask), list(params.values()))))
+    pids, pattn, comp, cmask, _ = policy.sample(model, tok, ["make 3: ", "make 2: "], 3, 1.0, 5)
+    full, fattn, P = torch.cat([pids, comp], 1), torch.cat([pattn, cmask.long()], 1), pids.shape[1]
+    A_rl = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.7, -1.0], dtype=torch.float64)
+    logp = policy.token_logprobs(model, full, fattn)[0][:, P - 1:]
+    g_rl = dict(zip(params, torch.autograd.grad(amft.grpo_loss(logp, logp.detach(), A_rl, cmask)[0], list(params.values()))))
+    A_val = torch.tensor([0.5, -1.0, 0.5, 1.2, -0.2, -1.0], dtype=torch.float64)
+
+    def U(theta=None):
+        lp = policy.token_logprobs(model, full, fattn, params=theta)[0][:, P - 1:]
+        return amft.policy_gradient_surrogate(lp, A_val, cmask)
+    return params, g_sft, g_rl, U
+
+
+def test_meta_gradient_autograd_matches_finite_difference(tiny64):
+    model, tok = tiny64
+    params, g_sft, g_rl, U = _meta_setup(model, tok)
+    for alpha in (1.0, 0.1):
+        exact = amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, alpha)
+        fd = amft.meta_grad_fd(U, params, g_rl, g_sft, 0.6, alpha, h=1e-4)
+        assert exact != 0 and abs(exact - fd) <= 1e-6 * abs(exact), (alpha, exact, fd)
+
+
+def test_first_order_approaches_exact_as_alpha_shrinks(tiny64):
+    model, tok = tiny64
+    params, g_sft, g_rl, U = _meta_setup(model, tok)
+    grad_U = dict(zip(params, torch.autograd.grad(U(), list(params.values()))))
+    errors = []
+    for alpha in (3.0, 0.3, 0.03, 0.003):
+        exact = amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, alpha)
+        first = amft.meta_grad_first_order(grad_U, g_rl, g_sft, alpha)
+        errors.append(abs(first - exact) / abs(exact))
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-2 < errors[0], errors
+
+
+@pytest.mark.parametrize("sft_helps", [True, False])
+def test_meta_step_moves_mu_toward_the_helpful_loss(sft_helps):
+    # U(w) = <c, w>. A descent step on L_SFT moves w by -alpha g_SFT; with g_SFT = -c it
+    # raises U (SFT helps), while g_RL = +c lowers it: mu must go up. Swapped: mu goes down.
+    c = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    params = {"w": torch.zeros(3, dtype=torch.float64, requires_grad=True)}
+    g_sft, g_rl = ({"w": -c}, {"w": c}) if sft_helps else ({"w": c}, {"w": -c})
+    U = lambda theta: (c * theta["w"]).sum()
+    estimates = [amft.meta_grad_first_order({"w": c}, g_rl, g_sft, 0.1),
+                 amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.5, 0.1),
+                 amft.meta_grad_fd(U, params, g_rl, g_sft, 0.5, 0.1)]
+    for g in estimates:
+        assert g == pytest.approx(estimates[0])
+        scaled, _, _ = amft.normalize_meta_grad(g, 0.0, 0)
+        mu = amft.update_mu(0.5, scaled, 0.0, eta_meta=0.1, eta_H=0.0, mu_min=0.05, mu_max=0.95)
+        assert (mu > 0.5) == sft_helps and mu != 0.5
+
+
+def test_entropy_term_sign_and_bounds():
+    below = amft.entropy_signal(H_target=1.0, H=0.4)   # collapse: more imitation
+    above = amft.entropy_signal(H_target=1.0, H=1.6)
+    assert amft.update_mu(0.5, 0.0, below, 0.0, 0.1, 0.05, 0.95) > 0.5
+    assert amft.update_mu(0.5, 0.0, above, 0.0, 0.1, 0.05, 0.95) < 0.5
+    assert amft.update_mu(0.9, 0.0, below, 0.0, 10.0, 0.05, 0.95) == 0.95
+    assert amft.update_mu(0.1, 0.0, above, 0.0, 10.0, 0.05, 0.95) == 0.05
+
+
+def test_normalized_meta_grad_is_in_units_of_mu():
+    v, n, out = 0.0, 0, []
+    for g in (1e-9, -2e-9, 1.5e-9):
+        s, v, n = amft.normalize_meta_grad(g, v, n)
+        out.append(s)
+    assert out[0] == pytest.approx(1.0) and out[1] < -1.0 and 0.3 < out[2] < 2
+
+
+def test_mix_grads():
+    g = amft.mix_grads({"a": torch.tensor(2.0)}, {"a": torch.tensor(4.0), "b": torch.tensor(1.0)}, 0.25)
+    assert g["a"].item() == pytest.approx(2.5) and g["b"].item() == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------------------- the CLI
+def test_cli_smoke_run_writes_outputs_and_mu_moves(tmp_path):
+    out = tmp_path / "run"
+    res = run_cli("--steps", "8", "--warmup", "2", "--meta-every", "2", "--eval-every", "4",
+                  "--batch-size", "4", "--group-size", "4", "--meta-grad", "autograd", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(8))
+    for key in ("mu", "entropy", "H_target", "reward_mean", "sft_loss", "rl_loss", "meta_grad", "frac_zero_std", "samples_per_s"):
+        assert key in lines[-1]
+    mix = [m for m in lines if m["phase"] == "mix"]
+    assert len({round(m["mu"], 8) for m in mix}) > 1 and mix[0]["meta_grad"] is not None and mix[1]["meta_grad"] is None
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("method", "id_accuracy", "ood_accuracy", "steps", "wall_seconds"):
+        assert key in summary
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoModelForCausalLM.from_pretrained(out / "model")
+    assert AutoTokenizer.from_pretrained(out / "model").decode([10]) != ""
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/model"], "cannot load model"),
+    (["--mu-min", "0.9", "--mu-max", "0.1"], "mu bounds"),
+    (["--mu-max", "1.5"], "mu bounds"),
+    (["--group-size", "1"], "at least 2"),
+    (["--method", "magic"], "--method"),
+    (["--task", "/no/such/file.jsonl"], "not a file"),
+])
+def test_bad_input_one_line_error_and_no_output(tmp_path, args, message):
+    out = tmp_path / "run"
+    res = run_cli(*args, "--steps", "2", "--out", str(out))
+    assert res.returncode != 0 and message in res.stderr
+    assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0
+    assert not out.exists()
+
+
+def test_task_file_without_fields_is_rejected_by_cli(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "2+2"}) + "\n")
+    res = run_cli("--task", str(bad), "--steps", "2", "--out", str(tmp_path / "run"))
+    assert res.returncode != 0 and "'cards'" in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_diverging_run_skips_non_finite_steps_then_stops(tmp_path):
+    res = run_cli("--method", "sft", "--lr", "1e30", "--steps", "20", "--max-bad-steps", "3",
+                  "--batch-size", "4", "--out", str(tmp_path / "run"))
+    assert res.returncode != 0 and "non-finite" in res.stderr and "Traceback" not in res.stderr
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(bool(m.get("skipped")) for m in lines) >= 2
