@@ -12,9 +12,17 @@ Length and depth are bounded, so no input can make the verifier slow.
     reward = 1  if  formula parses, uses exactly the card values, and == target
              0  otherwise
 
-Run `python -m pytest test_amft.py -k verifier` for its tests.
+Math answers (MATH, GSM8K): the final answer is the content of the last `\boxed{...}` (or
+`\fbox{...}`), else the text after GSM8K's `#### `, else after "the answer is". Prediction and
+ground truth go through the same normalizer (LaTeX fractions, thousands commas, units, $ and
+%, `x = 5`), then compare as exact rationals when both are numbers and as strings otherwise.
+There is deliberately no percent equivalence ("50" != "0.5"): an RL policy would learn to
+exploit it. Input length, brace nesting and digit counts are capped, so any input is fast.
+
+Run `python -m pytest test_amft.py -k verifier` for the tests of both.
 """
 import ast
+import re
 from collections import Counter
 from fractions import Fraction
 
@@ -67,3 +75,150 @@ def general_points_reward(completion: str, values, target: int) -> float:
     if Counter(numbers) != Counter(values):
         return 0.0
     return 1.0 if value == target else 0.0
+
+
+# ---- math answers
+MAX_TEXT_CHARS = 10_000     # only the completion's tail is read: the final answer comes last
+MAX_ANSWER_CHARS = 1_000    # a longer "answer" normalizes to "" and matches nothing
+MAX_BRACE_DEPTH = 50        # deeper \boxed{...} nesting is rejected, not scanned
+MAX_DIGITS = 1_000          # so Fraction arithmetic on a numeric answer stays cheap
+REL_TOL = Fraction(1, 10**6)  # only for a decimal that rounds a non-terminating fraction
+_NUMBER = re.compile(r"(-?)(\d+(?:\.\d*)?|\.\d+)(?:/(\d+(?:\.\d*)?|\.\d+))?")  # a, -a, a/b
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm)\s*\{([^{}]*)\}(?:\^\{?\d\}?)?")  # cm^2
+_SHORT_VAR = re.compile(r"[A-Za-z]{1,3}|\\[A-Za-z]+|[A-Za-z]_\{?\w{1,3}\}?")  # x, ans, \theta, x_1
+
+
+def _last_box(text: str) -> str | None | bool:
+    """Content of the last \\boxed{...}/\\fbox{...}; None if unclosed; False if there is none."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return False
+    opening = _BOX_OPEN.match(text, start)
+    if not opening:  # `\boxed 5`: a single token, as some models write it
+        rest = text[start:].split(None, 2)
+        return rest[1].rstrip("$.") if len(rest) > 1 else None
+    i = opening.end() - 1
+    depth = 0
+    for k in range(i, len(text)):  # linear scan; the box is inside the capped tail
+        if text[k] == "{":
+            depth += 1
+            if depth > MAX_BRACE_DEPTH:
+                return None
+        elif text[k] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:k]
+    return None  # unclosed (e.g. truncated at max length): the final answer is not there
+
+
+def extract_answer(completion: str) -> str | None:
+    """The final answer of a completion (last box, else `#### N`, else 'the answer is X'), or None.
+
+    An unclosed last box gives None without falling back: a truncated answer earns nothing."""
+    text = completion[-MAX_TEXT_CHARS:]
+    box = _last_box(text)
+    if box is not False:
+        return box
+    for marker in ("####", "answer is"):
+        i = text.lower().rfind(marker)
+        if i >= 0:
+            line = text[i + len(marker):].lstrip(" \t:").split("\n", 1)[0]
+            answer = re.split(r"\.(?=\s|$)", line, maxsplit=1)[0].strip()  # up to the sentence's end
+            if answer:
+                return answer
+    return None
+
+
+def normalize_answer(s: str) -> str:
+    """Canonical string form: '\\$1{,}000.50' -> '1000.5', '\\dfrac12' -> '1/2', 'x = 5' -> '5'."""
+    if len(s) > MAX_ANSWER_CHARS:
+        return ""
+    s = s.strip().replace("\u2212", "-")                   # Unicode minus
+    s = re.sub(r"\\?[$%]|°|\\degree|\^\s*\{?\s*\\circ\s*\}?", "", s)  # no percent scaling: 50% -> 50
+    dropped = _TEXT_CMD.sub("", s)                          # '5\text{ cm}' -> '5' ...
+    s = dropped if dropped.strip() else _TEXT_CMD.sub(r"\1", s)  # ... but '\text{(A)}' -> '(A)'
+    s = re.sub(r"^([-+]?[\d.,/]+)\s+[A-Za-z][A-Za-z ]*$", r"\1", s.strip())  # '5 apples' -> '5'
+    s = re.sub(r"(?<=\d)(?:\{,\}|\\,)(?=\d{3}(?!\d))", ",", s)  # '1{,}000', '1\,000' -> '1,000'
+    s = re.sub(r"\\(?:left|right|displaystyle)(?![A-Za-z])|\\[!,;:]|\s+", "", s)
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\\frac(\d)", r"\\frac{\1}", s)             # '\frac12' -> '\frac{1}2'
+    s = re.sub(r"\\frac(\{[^{}]*\})(\d)", r"\\frac\1{\2}", s)  # '\frac{1}2' -> '\frac{1}{2}'
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)             # '\sqrt2' -> '\sqrt{2}'
+    # a numeric \frac becomes a/b, unless a digit precedes it (mixed number 1\frac{1}{2} != 11/2)
+    s = re.sub(r"(?<!\d)\\frac\{(-?[\d.]+)\}\{([\d.]+)\}", r"\1/\2", s)
+    parts = s.split("=")
+    if len(parts) > 1 and _SHORT_VAR.fullmatch(parts[-2]):  # 'x=5' -> '5'; 'f(x)=3x' is kept
+        s = parts[-1]
+    s = s.rstrip(".")
+    if s.startswith("+"):
+        s = s[1:]
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # thousands only in proper groups:
+        s = s.replace(",", "")                              # '1,2' and '(1,2)' stay lists
+    m = re.fullmatch(r"(-?)(\d*)(?:\.(\d*))?", s)
+    if m and (m[2] or m[3]):                                # '072.50' -> '72.5', '.5' -> '0.5'
+        frac = (m[3] or "").rstrip("0")
+        s = m[1] + (m[2].lstrip("0") or "0") + ("." + frac if frac else "")
+    return s
+
+
+def _decimal(s: str) -> Fraction:
+    whole, _, frac = s.partition(".")
+    return Fraction(int(whole or "0") * 10**len(frac) + int(frac or "0"), 10**len(frac))
+
+
+def parse_number(s: str) -> Fraction | None:
+    """Exact value of a normalized number ('-3', '2.5', '3/4', '1.5/3'), else None (also for
+    division by zero and for more than MAX_DIGITS digits)."""
+    if len(s) > 2 * MAX_DIGITS + 3:
+        return None
+    m = _NUMBER.fullmatch(s.strip())
+    if not m or sum(c.isdigit() for c in s) > MAX_DIGITS:
+        return None
+    value = _decimal(m[2])
+    if m[3] is not None:
+        denominator = _decimal(m[3])
+        if denominator == 0:
+            return None
+        value /= denominator
+    return -value if m[1] else value
+
+
+def _terminates(x: Fraction) -> bool:
+    """Whether x has a finite decimal expansion (its denominator is 2^i 5^j)."""
+    d = x.denominator
+    for prime in (2, 5):
+        while d % prime == 0:
+            d //= prime
+    return d == 1
+
+
+def answers_match(pred: str, truth: str) -> bool:
+    """Exact rational equality for numbers (REL_TOL only if a side has decimals), else strings."""
+    p, t = normalize_answer(pred), normalize_answer(truth)
+    if not p or not t:
+        return False
+    a, b = parse_number(p), parse_number(t)
+    if a is not None and b is not None:
+        if a == b:
+            return True
+        # a rounded decimal of a fraction with no finite decimal ('0.3333333' for 1/3) is
+        # accepted within REL_TOL; '1000000.5' for 1000000 is not (that would be exploitable)
+        if ("." in p and not _terminates(b)) or ("." in t and not _terminates(a)):
+            return abs(a - b) <= REL_TOL * max(abs(a), abs(b))
+        return False
+    if _NUMBER.fullmatch(p) or _NUMBER.fullmatch(t):  # '1/0' or a 5000-digit number: never right
+        return False
+    return p == t
+
+
+def math_reward(completion: str, truth: str) -> float:
+    """1.0 if the completion's final answer equals the truth ('#### 72', '\\boxed{72}' or '72')."""
+    try:
+        pred = extract_answer(completion)
+        if pred is None:
+            return 0.0
+        t = extract_answer(truth)
+        return 1.0 if answers_match(pred, truth if t is None else t) else 0.0
+    except Exception:  # a verifier bug must not crash training; it scores 0
+        return 0.0

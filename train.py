@@ -48,8 +48,8 @@ class Config:
     cards: int = arg(3, "General Points: cards per hand (the paper's variant: 4)")
     target: int = arg(10, "General Points: the value the formula must reach (the paper's: 24)")
     # budget
-    steps: int = arg(400, "optimizer steps in all, warm-up included")
-    warmup: int = arg(150, "SFT-only steps before mixing starts (W); H_target is measured at its end")
+    steps: int = arg(800, "optimizer steps in all, warm-up included")
+    warmup: int = arg(200, "SFT-only steps before mixing starts (W); H_target is measured at its end")
     batch_size: int = arg(16, "B: prompts per step (each has a demonstration)")
     group_size: int = arg(8, "G: completions sampled per prompt")
     max_new_tokens: int = arg(16, "longest completion, in tokens")
@@ -67,7 +67,7 @@ class Config:
     mu_min: float = arg(0.05, "lower bound of mu")
     mu_max: float = arg(0.95, "upper bound of mu")
     eta_meta: float = arg(0.05, "meta step, in units of mu (dU/dmu is divided by its running RMS)")
-    eta_H: float = arg(0.05, "entropy step: mu += eta_H * (H_target - H)")
+    eta_H: float = arg(0.01, "entropy step: mu += eta_H * (H_target - H)")
     meta_every: int = arg(10, "K: steps between meta-gradients")
     meta_grad: str = arg("first-order", "first-order | autograd | fd")
     meta_alpha: float = arg(0.0, "look-ahead step alpha; 0 = use --lr")
@@ -277,7 +277,7 @@ def main(cfg: Config):
     tok.save_pretrained(os.path.join(out, "model"))
     summary = {"method": cfg.method, "model": cfg.model, "steps": cfg.steps, "id_accuracy": after["id"],
                "ood_accuracy": after["ood"], "id_accuracy_before": before["id"], "ood_accuracy_before": before["ood"],
-               "final_mu": mu, "H_target": H_target, "skipped_steps": n_skipped, "test_hands": len(splits["test"]),
+               "final_mu": mu, "H_target": H_target, "skipped_steps": n_skipped, "test_prompts": len(splits["test"]),
                "wall_seconds": round(time.time() - t_start, 1), "device": device}
     with open(os.path.join(out, "summary.json.tmp"), "w") as f:
         json.dump(summary, f, indent=2)
