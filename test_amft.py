@@ -381,11 +381,11 @@ def test_mix_grads():
 def test_cli_smoke_run_writes_outputs_and_mu_moves(tmp_path):
     out = tmp_path / "run"
     res = run_cli("--steps", "8", "--warmup", "2", "--meta-every", "2", "--eval-every", "4",
-                  "--batch-size", "4", "--group-size", "4", "--meta-grad", "autograd", "--out", str(out))
+                  "--batch-size", "4", "--group-size", "4", "--meta-grad", "autograd", "--beta", "0.01", "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(8))
-    for key in ("mu", "entropy", "H_target", "reward_mean", "sft_loss", "rl_loss", "meta_grad", "frac_zero_std", "samples_per_s"):
+    for key in ("mu", "entropy", "H_target", "reward_mean", "sft_loss", "rl_loss", "meta_grad", "frac_zero_std", "samples_per_s", "kl"):
         assert key in lines[-1]
     mix = [m for m in lines if m["phase"] == "mix"]
     assert len({round(m["mu"], 8) for m in mix}) > 1 and mix[0]["meta_grad"] is not None and mix[1]["meta_grad"] is None
