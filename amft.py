@@ -35,16 +35,18 @@ Where this departs from the paper (and the authors' code), and why:
 import torch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, denom=None) -> torch.Tensor:
+    """Mean of x where mask is 1. `denom` replaces the mask's count: with micro-batches, each
+    chunk divides by the whole batch's token count, so the chunks' losses add up exactly."""
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
+        return (x * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 # ---------------------------------------------------------------------------- losses
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, denom=None) -> torch.Tensor:
     """Negative log-likelihood averaged over all demonstration tokens of the batch."""
-    return -masked_mean(logp, mask)
+    return -masked_mean(logp, mask, denom=denom)
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4):
@@ -56,18 +58,18 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4):
     return A, zero.float().mean().item()
 
 
-def grpo_loss(logp, old_logp, A, mask, eps_low=0.2, eps_high=0.28, beta=0.0, ref_logp=None):
+def grpo_loss(logp, old_logp, A, mask, eps_low=0.2, eps_high=0.28, beta=0.0, ref_logp=None, denom=None):
     """Clipped GRPO/DAPO loss, token-level mean. logp, old_logp, ref_logp, mask: (N, T);
     A: (N,) one advantage per completion. Returns loss and a metrics dict."""
     ratio = torch.exp(logp - old_logp)                               # (N, T)
     A = A[:, None]                                                   # (N, 1)
     surrogate = torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
-    loss = -masked_mean(surrogate, mask)
+    loss = -masked_mean(surrogate, mask, denom=denom)
     metrics = {"clip_frac": masked_mean((surrogate < ratio * A).float(), mask).item()}
     if beta > 0:
         # k3 estimator of KL(pi || ref), Schulman 2020: exp(ref - logp) - (ref - logp) - 1
         d = ref_logp - logp
-        kl = masked_mean(torch.exp(d) - d - 1, mask)
+        kl = masked_mean(torch.exp(d) - d - 1, mask, denom=denom)
         loss = loss + beta * kl
         metrics["kl"] = kl.item()
     return loss, metrics

@@ -1,7 +1,8 @@
 """
-Tasks and datasets. A task is three splits of rows {"prompt", "demo", "values", "target"}:
-`prompt` is what the policy sees, `demo` is the SFT demonstration y*, and `values`/`target`
-are what the verifier in rewards.py needs.
+Tasks and datasets. A task is splits ("train", "val", "test", and "test_ood" for General
+Points) of rows {"prompt", "demo", ...}: `prompt` is what the policy sees, `demo` the SFT
+demonstration y*, and the rest is what the task's verifier needs (`values`/`target` for
+General Points, `answer` for math). `load_task` takes every task by name; `reward` scores.
 
 General Points (Chu et al. 2025): n cards are drawn (ranks A, 2..10, J, Q, K); write one
 formula with + - * / and parentheses that uses each card's value once and equals the target.
@@ -12,11 +13,23 @@ ever seen in training. Only solvable hands are kept; the demonstration is the fi
 solution our exhaustive solver finds (exact rationals, no eval).
 
 A local file can stand in for the built-in hands: `--task hands.jsonl` with one row per hand,
-{"cards": ["3", "J", "5"], "target": 10} ("target" optional): it is read with `datasets`.
+{"cards": ["3", "J", "5"]}: it is read with `datasets`.
+
+Math (all through `datasets`, from the hub or a local .jsonl/.json/.parquet of the same schema):
+  gsm8k   openai/gsm8k "main": question / answer; the worked answer (calculator annotations
+          removed, "#### N" turned into "The final answer is \boxed{N}.") is the demonstration.
+  math500 HuggingFaceH4/MATH-500: problem / solution / answer (500 rows, split 80/20).
+  openr1  Elliott/Openr1-Math-46k-8192 (LUFFY): chat `prompt`, `target`, reward_model.ground_truth.
+  FILE    any of these schemas, or generic rows {"prompt", "answer", "demo"}.
+Prompts ask for the final answer in \boxed{}.
 """
 import itertools
+import os
 import random
+import re
 from fractions import Fraction
+
+import rewards
 
 RANKS = ["A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K"]
 FACE_VALUES = {"id": {"J": 10, "Q": 10, "K": 10}, "ood": {"J": 11, "Q": 12, "K": 13}}
@@ -64,6 +77,8 @@ def solve(values, target: int):
 def reshuffle(row: dict, rng: random.Random) -> dict:
     """The same hand with its cards in a new order (and the demonstration for that order):
     training sees every hand in many orders, so the policy cannot lean on one."""
+    if "cards" not in row:  # math problems have no order to shuffle
+        return row
     cards = list(row["cards"])
     rng.shuffle(cards)
     values = [card_value(c, row["rule"]) for c in cards]
@@ -118,11 +133,119 @@ def general_points(n_cards: int = 3, target: int = 10, seed: int = 0):
     return split_hands(all_hands(n_cards), target, seed)
 
 
+# ---------------------------------------------------------------------------- math tasks
+HUB = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", None),
+       "openr1": ("Elliott/Openr1-Math-46k-8192", None)}
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def _text(x) -> str:
+    """A chat message list (OpenR1's `prompt` and `target`) or a string, as plain text."""
+    if isinstance(x, list):
+        turns = [m.get("content", "") for m in x if isinstance(m, dict) and m.get("role") != "system"]
+        return str(turns[-1]) if turns else ""
+    return "" if x is None else str(x)
+
+
+def math_row(ex: dict):
+    """{"prompt", "demo", "answer"} from one example of a known schema, or None.
+    gsm8k: question / answer ('... #### 72'); MATH-500: problem / solution / answer;
+    OpenR1 (LUFFY): prompt / target / reward_model.ground_truth; generic: prompt / answer / demo."""
+    if "question" in ex and "####" in str(ex.get("answer", "")):
+        work, _, answer = str(ex["answer"]).rpartition("####")
+        work = re.sub(r"<<[^>]*>>", "", work).strip()  # GSM8K's calculator annotations
+        answer = answer.strip()
+        problem, demo = ex["question"], f"{work}\nThe final answer is \\boxed{{{answer}}}."
+    elif "problem" in ex and "answer" in ex:
+        problem, demo, answer = ex["problem"], ex.get("solution"), ex["answer"]
+    elif "prompt" in ex and isinstance(ex.get("reward_model"), dict):
+        problem, demo, answer = _text(ex["prompt"]), _text(ex.get("target")) or None, ex["reward_model"].get("ground_truth")
+    elif "prompt" in ex and "answer" in ex:
+        problem, demo, answer = ex["prompt"], ex.get("demo"), ex["answer"]
+    else:
+        return None
+    if not problem or answer is None or str(answer).strip() == "":
+        return None
+    prompt = problem if "\\boxed" in problem else f"{problem}\n{INSTRUCTION}"
+    return {"prompt": prompt, "demo": demo or None, "answer": str(answer)}
+
+
+def _load_math(task: str):
+    """A DatasetDict from a hub id (or its cache) or a local .jsonl/.json/.parquet file."""
+    import datasets  # imported here: only these loaders need it
+    if task in HUB:
+        repo, name = HUB[task]
+        try:
+            return datasets.load_dataset(repo, name)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"--task {task}: cannot load {repo} from the hub or the local cache ({first}); "
+                             f"save it as a file where there is network and pass --task path/to/{task}.jsonl") from None
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(task)[1])
+    if kind is None:
+        raise ValueError(f"--task {task}: expected general-points, {', '.join(HUB)}, or a .jsonl/.json/.parquet file")
+    try:
+        return datasets.load_dataset(kind, data_files=task)
+    except Exception as e:
+        raise ValueError(f"--task {task}: cannot read it: {(str(e).strip().splitlines() or [''])[0][:200]}") from None
+
+
+def math_task(task: str, seed: int = 0, test_frac=0.2, max_val=200):
+    """Train / val / test rows. The source's test split is used when it has one; otherwise 20%
+    of the shuffled rows. Validation is 5% of train (at most max_val): the meta-gradient's U."""
+    dd = _load_math(task)
+    first = dd[list(dd)[0]]
+    rows = {name: [r for r in map(math_row, split) if r is not None] for name, split in dd.items()}
+    if not any(rows.values()):
+        raise ValueError(f"--task {task}: no usable rows; fields found: {first.column_names}; expected "
+                         "question/answer (GSM8K), problem/solution/answer (MATH), prompt/target/reward_model "
+                         "(OpenR1) or prompt/answer/demo")
+    rng = random.Random(seed)
+    if "test" in rows and len(rows) > 1:
+        test = rows.pop("test")
+        train = rows.get("train") or next(iter(rows.values()))
+    else:
+        pool = [r for split in rows.values() for r in split]
+        rng.shuffle(pool)
+        n_test = max(1, int(len(pool) * test_frac))
+        test, train = pool[:n_test], pool[n_test:]
+    train = list(train)
+    rng.shuffle(train)
+    n_val = max(1, min(max_val, len(train) // 20))
+    val, train = train[:n_val], [r for r in train[n_val:] if r["demo"]]
+    if not train:
+        raise ValueError(f"--task {task}: no training row has a demonstration (solution / target / demo)")
+    return {"train": train, "val": val, "test": test}
+
+
+def load_task(task: str, seed: int = 0, cards: int = 3, target: int = 10):
+    """Every task by name: general-points, gsm8k, math500, openr1, or a local file (a file whose
+    rows have `cards` is a General Points hand list; any other is a math dataset)."""
+    if task == "general-points":
+        return general_points(cards, target, seed)
+    if task not in HUB and not os.path.isfile(task):
+        raise ValueError(f"--task {task}: not general-points, {', '.join(HUB)}, or an existing file")
+    if os.path.isfile(task) and task.endswith((".jsonl", ".json")) and _has_cards(task):
+        return hands_from_file(task, target, seed)
+    return math_task(task, seed)
+
+
+def _has_cards(path: str) -> bool:
+    with open(path) as f:
+        head = f.read(4096)
+    return '"cards"' in head
+
+
+def reward(row: dict, completion: str) -> float:
+    """The task's verifier for one completion."""
+    if "values" in row:
+        return rewards.general_points_reward(completion, row["values"], row["target"])
+    return rewards.math_reward(completion, row["answer"])
+
+
 def hands_from_file(path: str, target: int, seed: int = 0):
     """Splits like general_points(), but of the hands in a local .jsonl/.json file."""
     import datasets  # imported here: only this loader needs it
-    if not path.endswith((".jsonl", ".json")):
-        raise ValueError(f"--task {path}: expected a .jsonl or .json file of hands")
     ds = datasets.load_dataset("json", data_files=path, split="train")
     if "cards" not in ds.column_names:
         raise ValueError(f"--task {path}: rows need a 'cards' field (list of ranks), "

@@ -74,9 +74,34 @@ def _norms_in_float64(model):
             module.forward = forward.__get__(module)
 
 
-def eos_ids(tok, model):
-    """Token ids that end a completion: the tokenizer's EOS and the model's generation EOS."""
-    ids = {tok.eos_token_id}
+TURN_ENDS = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>"]  # Qwen/ChatML, Llama 3, Gemma
+
+
+def use_chat(tok, name: str, mode: str) -> bool:
+    """Instruction models get their chat template; base models a plain prompt. 'auto' decides
+    by the name (Qwen2.5 *base* tokenizers also ship a chat template)."""
+    if mode == "auto":
+        return bool(tok.chat_template) and any(w in name.lower() for w in ("instruct", "chat", "-it"))
+    return mode == "on"
+
+
+def format_prompt(tok, text: str, chat: bool) -> str:
+    if not chat:
+        return text
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def end_id(tok, chat: bool) -> int:
+    """The token a demonstration ends with: the chat template's end of turn, or EOS."""
+    vocab = tok.get_vocab()
+    turn_end = [vocab[t] for t in TURN_ENDS if t in vocab and t in (tok.chat_template or "")]
+    return turn_end[0] if chat and turn_end else tok.eos_token_id
+
+
+def eos_ids(tok, model, chat: bool = False):
+    """Token ids that end a completion: EOS, the model's generation EOS, and with a chat
+    template its end-of-turn token (for Qwen base models pad == EOS == <|endoftext|>)."""
+    ids = {tok.eos_token_id, end_id(tok, chat)}
     gen = getattr(model.generation_config, "eos_token_id", None)
     ids.update(gen if isinstance(gen, list) else [gen])
     return sorted(i for i in ids if i is not None)
@@ -95,7 +120,7 @@ def completion_mask(completions: torch.Tensor, eos: list) -> torch.Tensor:
 # ---------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def sample(model, tok, prompts: list, G: int, temperature: float, max_new_tokens: int,
-           greedy: bool = False):
+           greedy: bool = False, eos=None):
     """G completions per prompt. Returns prompt_ids (B*G, P), prompt_mask (B*G, P),
     completions (B*G, C), completion mask (B*G, C), texts (B*G,), rows in prompt-major
     order: prompt b's samples are rows b*G .. b*G+G-1."""
@@ -103,7 +128,7 @@ def sample(model, tok, prompts: list, G: int, temperature: float, max_new_tokens
     device = next(model.parameters()).device
     ids = enc.input_ids.repeat_interleave(G, 0).to(device)           # (B*G, P)
     attn = enc.attention_mask.repeat_interleave(G, 0).to(device)     # (B*G, P)
-    eos = eos_ids(tok, model)
+    eos = eos or eos_ids(tok, model)
     kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
                                                        top_k=0, top_p=1.0)
     out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
@@ -118,41 +143,42 @@ def sample(model, tok, prompts: list, G: int, temperature: float, max_new_tokens
 
 # ---------------------------------------------------------------------------- log-probs
 def token_logprobs(model, ids, attn, temperature: float = 1.0, with_entropy: bool = False,
-                   params=None):
-    """Per-token log-probs of ids[:, 1:] given the prefix, (N, T-1) in float32, and the
-    entropy of each next-token distribution if asked; float32 (float64 for a float64 model). `params` evaluates the model at other
-    weights (torch.func.functional_call), as the meta-gradient's look-ahead needs."""
+                   params=None, n_last=None):
+    """Log-probs of the last n_last tokens of each row given their prefix, (N, n_last), in
+    float32 (float64 for a float64 model), and the entropy of each of those next-token
+    distributions if asked. Only n_last + 1 positions of logits are computed (the prompt's are
+    never materialised). `params` evaluates the model at other weights through
+    torch.func.functional_call, as the meta-gradient's look-ahead needs."""
+    n = ids.shape[1] - 1 if n_last is None else n_last
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate()
-    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids)
+    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=n + 1)
     if params is None:
         logits = model(**inputs).logits
     else:
         logits = torch.func.functional_call(model, params, args=(), kwargs=inputs).logits
-    z = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (N, T-1, V)
-    lse = torch.logsumexp(z, -1)                                        # (N, T-1)
-    logp = z.gather(-1, ids[:, 1:, None]).squeeze(-1) - lse            # (N, T-1)
+    z = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (N, n, V)
+    lse = torch.logsumexp(z, -1)                                        # (N, n)
+    logp = z.gather(-1, ids[:, -n:, None]).squeeze(-1) - lse           # (N, n)
     if not with_entropy:
         return logp, None
-    entropy = lse - (torch.softmax(z, -1) * z).sum(-1)                 # (N, T-1)
+    entropy = lse - (torch.softmax(z, -1) * z).sum(-1)                 # (N, n)
     return logp, entropy
 
 
-def sft_batch(tok, prompts: list, demos: list, device):
-    """Prompt + demonstration + EOS per row, left-padded. Returns ids (B, T), attn (B, T)
-    and the loss mask (B, T-1) aligned with token_logprobs: 1 on demonstration tokens and
-    EOS, 0 on prompt and pad."""
-    rows, n_prompt = [], []
+def sft_batch(tok, prompts: list, demos: list, end: int, device):
+    """Prompt + demonstration + end token per row, left-padded. Returns ids (B, T), attn (B, T)
+    and the loss mask (B, D) over the last D = longest demonstration positions, aligned with
+    token_logprobs(..., n_last=D): 1 on demonstration tokens and the end token."""
+    rows, n_demo = [], []
     for p, d in zip(prompts, demos):
-        p_ids = tok(p, add_special_tokens=False).input_ids
-        d_ids = tok(d, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        rows.append(p_ids + d_ids)
-        n_prompt.append(len(p_ids))
-    T = max(len(r) for r in rows)
+        d_ids = tok(d, add_special_tokens=False).input_ids + [end]
+        rows.append(tok(p, add_special_tokens=False).input_ids + d_ids)
+        n_demo.append(len(d_ids))
+    T, D = max(len(r) for r in rows), max(n_demo)
     ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
     attn = torch.zeros(len(rows), T, dtype=torch.long)
-    loss_mask = torch.zeros(len(rows), T - 1)
-    for b, (r, n) in enumerate(zip(rows, n_prompt)):
-        start = T - len(r)
-        ids[b, start:], attn[b, start:] = torch.tensor(r), 1
-        loss_mask[b, start + n - 1:] = 1  # logp[t] predicts token t+1
+    loss_mask = torch.zeros(len(rows), D)
+    for b, (r, n) in enumerate(zip(rows, n_demo)):
+        ids[b, T - len(r):], attn[b, T - len(r):] = torch.tensor(r), 1
+        loss_mask[b, D - n:] = 1
     return ids.to(device), attn.to(device), loss_mask.to(device)

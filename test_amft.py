@@ -301,8 +301,9 @@ def _meta_setup(model, tok):
     """Real g_SFT and g_RL on the float64 tiny model, and a U_sur on fixed rollouts."""
     torch.manual_seed(0)
     params = {n: p for n, p in model.named_parameters()}
-    ids, attn, lmask = policy.sft_batch(tok, ["make 3: ", "make 2: "], ["1+2", "1*2"], "cpu")
-    g_sft = dict(zip(params, torch.autograd.grad(amft.sft_loss(policy.token_logprobs(model, ids, attn)[0], lmask), list(params.values()))))
+    ids, attn, lmask = policy.sft_batch(tok, ["make 3: ", "make 2: "], ["1+2", "1*2"], tok.eos_token_id, "cpu")
+    logp_demo = policy.token_logprobs(model, ids, attn, n_last=lmask.shape[1])[0]
+    g_sft = dict(zip(params, torch.autograd.grad(amft.sft_loss(logp_demo, lmask), list(params.values()))))
     pids, pattn, comp, cmask, _ = policy.sample(model, tok, ["make 3: ", "make 2: "], 3, 1.0, 5)
     full, fattn, P = torch.cat([pids, comp], 1), torch.cat([pattn, cmask.long()], 1), pids.shape[1]
     A_rl = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.7, -1.0], dtype=torch.float64)
@@ -403,7 +404,7 @@ def test_cli_smoke_run_writes_outputs_and_mu_moves(tmp_path):
     (["--mu-max", "1.5"], "mu bounds"),
     (["--group-size", "1"], "at least 2"),
     (["--method", "magic"], "--method"),
-    (["--task", "/no/such/file.jsonl"], "not a file"),
+    (["--task", "/no/such/file.jsonl"], "existing file"),
 ])
 def test_bad_input_one_line_error_and_no_output(tmp_path, args, message):
     out = tmp_path / "run"
