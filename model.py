@@ -12,7 +12,10 @@ Log-probs (one function for policy, old and reference):
     logp[b, t] = log softmax(logits[b, t] / temperature)[ids[b, t + 1]]
     entropy[b, t] = logsumexp(z) - sum softmax(z) * z,   z = logits[b, t] / temperature
 """
+import copy
 import os
+import random
+import shutil
 
 import torch
 
@@ -43,11 +46,14 @@ def make_tiny_model(path: str, n_layer=4, n_embd=128, n_head=4, max_len=128, see
     return path
 
 
-def load_policy(name_or_path: str, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) from a hub id, an alias or a local folder. Raises ValueError with a
-    one-line message when the model cannot be found or loaded."""
+def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, grad_ckpt=False):
+    """(model, tokenizer) from a hub id, an alias or a local folder, optionally wrapped in LoRA
+    adapters (peft) and with gradient checkpointing. Raises ValueError with a one-line
+    message when the model cannot be found or loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     name = ALIASES.get(name_or_path, name_or_path)
+    if lora_r and os.path.isfile(os.path.join(name, "adapter_config.json")):
+        raise ValueError("resuming a LoRA run is not supported yet; start again from its merged model/ folder")
     try:
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
@@ -60,7 +66,58 @@ def load_policy(name_or_path: str, dtype=torch.float32, device="cpu"):
     if tok.pad_token is None:  # Qwen base and many others: pad with EOS, masks never read pad
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # prompts end at the same column, so completions start together
+    if lora_r:
+        try:
+            import peft
+        except ImportError:
+            raise ValueError("--lora-r needs peft: pip install peft") from None
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear",
+                                                           task_type="CAUSAL_LM"))
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device), tok
+
+
+def frozen_copy(model):
+    """A frozen reference policy for the KL term."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, tok, opt, state: dict, ref_model=None):
+    """Model + tokenizer (save_pretrained), optimizer, the loop's state and every RNG state.
+    Written to path.tmp first and swapped in, so a crash never leaves half a checkpoint."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save({"optimizer": opt.state_dict(), "state": state, "rng": rng,
+                "ref": ref_model.state_dict() if ref_model is not None else None}, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.isdir(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path, model, opt):
+    """Restore the optimizer and RNG states (the weights were loaded from `path` with the
+    model); returns the loop's state and the reference policy, if the run had one."""
+    saved = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    opt.load_state_dict(saved["optimizer"])
+    ref_model = None
+    if saved["ref"] is not None:
+        ref_model = frozen_copy(model)
+        ref_model.load_state_dict(saved["ref"])
+    random.setstate(saved["rng"]["python"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    return saved["state"], ref_model
 
 
 def _norms_in_float64(model):

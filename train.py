@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import tempfile
@@ -214,54 +213,10 @@ def meta_gradient(model, tok, val_rows, params, g_rl, g_sft, mu, alpha, cfg, eos
     return amft.meta_grad_fd(U, params, g_rl, g_sft, mu, alpha)
 
 
-def frozen_copy(model):
-    import copy
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
-
-
 def atomic_json(obj, path):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
-
-
-def save_checkpoint(out, model, tok, opt, state, ref_model):
-    """out/checkpoint: model + tokenizer (save_pretrained), optimizer, loop state, RNG states.
-    Written to a temporary folder first and swapped in, so a crash never leaves half of one."""
-    tmp, final, old = (os.path.join(out, n) for n in ("checkpoint.tmp", "checkpoint", "checkpoint.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({"optimizer": opt.state_dict(), "state": state, "rng": rng,
-                "ref": ref_model.state_dict() if ref_model is not None else None}, os.path.join(tmp, "trainer_state.pt"))
-    if os.path.isdir(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_model(cfg, name, dtype, device):
-    try:
-        model, tok = policy.load_policy(name, dtype=dtype, device=device)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if cfg.lora_r:
-        try:
-            import peft
-        except ImportError:
-            raise UsageError("--lora-r needs peft: pip install peft") from None
-        if os.path.isfile(os.path.join(name, "adapter_config.json")):
-            raise UsageError("resuming a LoRA run is not supported yet; start from its merged model/ folder")
-        model = peft.get_peft_model(model, peft.LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
-                                                           target_modules="all-linear", task_type="CAUSAL_LM"))
-    if cfg.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, tok
 
 
 # ---------------------------------------------------------------------------- the run
@@ -282,7 +237,10 @@ def main(cfg: Config):
     name = ckpt or cfg.model
     if name == "tiny":
         name = policy.make_tiny_model(tempfile.mkdtemp(prefix="amft-tiny-"), seed=cfg.seed)
-    model, tok = load_model(cfg, name, dtype, device)
+    try:
+        model, tok = policy.load_policy(name, dtype, device, lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     chat = policy.use_chat(tok, cfg.model, cfg.chat)
     eos, end = policy.eos_ids(tok, model, chat), policy.end_id(tok, chat)
     for rows in splits.values():
@@ -316,16 +274,7 @@ def main(cfg: Config):
              "H_target": None if math.isnan(cfg.H_target) else cfg.H_target, "bad_in_row": 0, "skipped": 0,
              "samples_seen": 0, "order": [], "before": None}
     if ckpt:
-        saved = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        opt.load_state_dict(saved["optimizer"])
-        state = saved["state"]
-        if saved["ref"] is not None:
-            ref_model = frozen_copy(model)
-            ref_model.load_state_dict(saved["ref"])
-        random.setstate(saved["rng"]["python"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        state, ref_model = policy.load_checkpoint(ckpt, model, opt)
         with open(os.path.join(out, "metrics.jsonl")) as f:  # drop lines logged after the checkpoint
             kept = [l for l in f if json.loads(l)["step"] < state["step"]]
         with open(os.path.join(out, "metrics.jsonl"), "w") as f:
@@ -362,7 +311,7 @@ def main(cfg: Config):
             full, fattn, cmask, r = rollouts(model, tok, rows, cfg, eos)        # r: (B, G)
             A, m["frac_zero_std"] = amft.group_advantages(r)
             if cfg.beta > 0 and ref_model is None:  # frozen copy of the policy as RL begins
-                ref_model = frozen_copy(model)
+                ref_model = policy.frozen_copy(model)
             opt.zero_grad(set_to_none=True)
             m["rl_loss"], H, rl_metrics = rl_backward(model, ref_model, full, fattn, cmask, A.flatten().to(device), cfg)
             g_rl = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
@@ -407,12 +356,12 @@ def main(cfg: Config):
         pbar.set_postfix({k: f"{v:.3f}" for k, v in [("mu", m["mu"]), ("reward", m["reward_mean"]),
                                                       ("H", m["entropy"]), ("sft", m["sft_loss"])] if v is not None})
         if stop or (cfg.save_every and state["step"] % cfg.save_every == 0):
-            save_checkpoint(out, model, tok, opt, state, ref_model)
+            policy.save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
         if stop:
             raise KeyboardInterrupt(f"stopped at step {state['step']}; checkpoint saved: python train.py --resume {out}")
     log.close()
 
-    save_checkpoint(out, model, tok, opt, state, ref_model)
+    policy.save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
     after = test_all(cfg.pass_k)
     final = model.merge_and_unload() if cfg.lora_r else model
     final.save_pretrained(os.path.join(out, "model"))
