@@ -519,7 +519,7 @@ def test_logprobs_of_last_tokens_only(tiny64):
 def test_cli_trains_saved_tiny_model_on_gsm8k_file_and_eval_only(tmp_path, tiny_path, math_files):
     out = tmp_path / "run"
     res = run_cli("--model", tiny_path, "--task", math_files["gsm8k"], "--steps", "3", "--warmup", "1", "--batch-size", "2",
-                  "--group-size", "2", "--max-new-tokens", "6", "--meta-every", "1", "--micro-batch", "2", "--out", str(out))
+                  "--group-size", "2", "--max-new-tokens", "6", "--meta-every", "1", "--micro-batch", "2", "--grad-ckpt", "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == math_files["gsm8k"] and summary["ood_accuracy"] is None and 0 <= summary["id_accuracy"] <= 1
@@ -562,3 +562,17 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
     saved = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert saved["state"]["step"] == (out / "metrics.jsonl").read_text().count("\n") >= 3
+
+
+def test_lora_run_trains_adapters_only_and_saves_a_merged_model(tmp_path, tiny_path):
+    pytest.importorskip("peft")
+    model, _ = policy.load_policy(tiny_path, lora_r=4)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    out = tmp_path / "run"
+    res = run_cli("--model", tiny_path, "--lora-r", "4", "--steps", "3", "--warmup", "1", "--batch-size", "2",
+                  "--group-size", "2", "--meta-every", "1", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
