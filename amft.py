@@ -32,6 +32,8 @@ Where this departs from the paper (and the authors' code), and why:
 5. Target entropy H_target is measured once, on the policy's own samples at the end of the
    SFT warm-up (as the spec says), unless given as a flag.
 """
+import math
+
 import torch
 
 
@@ -75,6 +77,15 @@ def grpo_loss(logp, old_logp, A, mask, eps_low=0.2, eps_high=0.28, beta=0.0, ref
     return loss, metrics
 
 
+def off_policy_loss(logp, A, mask, shaping: bool, gamma=0.1, denom=None):
+    """RL on demonstrations (not sampled from pi, so no ratio to clip). LUFFY (arXiv 2504.14945)
+    shapes the token probability, f(p) = p / (p + gamma), which keeps the gradient of rare
+    demonstration tokens large: grad f = gamma / (p + gamma)^2 * grad p. SRFT (arXiv 2506.19767)
+    uses the plain policy gradient A * grad log p. logp, mask: (N, T); A: (N,)."""
+    objective = logp.exp() / (logp.exp() + gamma) if shaping else logp
+    return -masked_mean(A[:, None] * objective, mask, denom=denom)
+
+
 def policy_gradient_surrogate(logp, A, mask):
     """U_sur = mean_i A_i * mean_t log pi(y_i,t): its gradient estimates grad E[reward]."""
     return (A * masked_mean(logp, mask, dim=1)).mean()
@@ -100,11 +111,23 @@ def update_mu(mu, g_meta, g_H, eta_meta, eta_H, mu_min, mu_max):
     return float(min(max(mu + eta_meta * g_meta + eta_H * g_H, mu_min), mu_max))
 
 
-def mix_grads(g_rl: dict, g_sft: dict, mu: float) -> dict:
-    """(1 - mu) g_RL + mu g_SFT per parameter; a gradient that was not computed counts as 0."""
-    out = {k: (1 - mu) * g for k, g in g_rl.items()}
+def loss_weights(method: str, mu: float, H: float = 0.0, warm: bool = False):
+    """(w_RL, w_SFT) of each method's update w_RL g_RL + w_SFT g_SFT: one loop, many methods."""
+    if warm or method == "sft":
+        return 0.0, 1.0
+    if method in ("grpo", "luffy", "sft-grpo"):   # sft-grpo: its SFT stage is the warm-up
+        return 1.0, 0.0
+    if method == "srft":                          # entropy-weighted SFT beside full RL
+        return 1.0, 0.5 * math.exp(-H)            # w_SFT = 0.5 sg(exp(-H))
+    return 1.0 - mu, mu                           # amft, its ablations, fixed-mix
+
+
+def mix_grads(g_rl: dict, g_sft: dict, w_rl: float, w_sft: float) -> dict:
+    """w_RL g_RL + w_SFT g_SFT per parameter (AMFT: w_RL = 1 - mu, w_SFT = mu); a gradient that
+    was not computed counts as 0."""
+    out = {k: w_rl * g for k, g in g_rl.items()}
     for k, g in g_sft.items():
-        out[k] = out[k] + mu * g if k in out else mu * g
+        out[k] = out[k] + w_sft * g if k in out else w_sft * g
     return out
 
 

@@ -5,6 +5,7 @@ A tiny Qwen2 is built from a config and saved once per session; everything else 
 log-probs, losses, meta-gradients, the CLI) runs on it for real.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -374,7 +375,7 @@ def test_normalized_meta_grad_is_in_units_of_mu():
 
 
 def test_mix_grads():
-    g = amft.mix_grads({"a": torch.tensor(2.0)}, {"a": torch.tensor(4.0), "b": torch.tensor(1.0)}, 0.25)
+    g = amft.mix_grads({"a": torch.tensor(2.0)}, {"a": torch.tensor(4.0), "b": torch.tensor(1.0)}, 0.75, 0.25)
     assert g["a"].item() == pytest.approx(2.5) and g["b"].item() == pytest.approx(0.25)
 
 
@@ -388,7 +389,7 @@ def test_cli_smoke_run_writes_outputs_and_mu_moves(tmp_path):
     assert [m["step"] for m in lines] == list(range(8))
     for key in ("mu", "entropy", "H_target", "reward_mean", "sft_loss", "rl_loss", "meta_grad", "frac_zero_std", "samples_per_s", "kl"):
         assert key in lines[-1]
-    mix = [m for m in lines if m["phase"] == "mix"]
+    mix = [m for m in lines if m["phase"] == "main"]
     assert len({round(m["mu"], 8) for m in mix}) > 1 and mix[0]["meta_grad"] is not None and mix[1]["meta_grad"] is None
     summary = json.loads((out / "summary.json").read_text())
     for key in ("method", "id_accuracy", "ood_accuracy", "steps", "wall_seconds"):
@@ -396,6 +397,42 @@ def test_cli_smoke_run_writes_outputs_and_mu_moves(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     AutoModelForCausalLM.from_pretrained(out / "model")
     assert AutoTokenizer.from_pretrained(out / "model").decode([10]) != ""
+
+
+@pytest.mark.parametrize("method", ["sft", "grpo", "sft-grpo", "fixed-mix", "srft", "luffy", "amft-no-meta", "amft-no-entropy"])
+def test_every_method_runs_and_uses_its_rule(tmp_path, method):
+    out = tmp_path / method
+    res = run_cli("--method", method, "--steps", "4", "--warmup", "2", "--batch-size", "3", "--group-size", "2",
+                  "--meta-every", "1", "--eval-every", "100", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    last = lines[-1]
+    expect = {"sft": (0.0, 1.0), "grpo": (1.0, 0.0), "sft-grpo": (1.0, 0.0), "luffy": (1.0, 0.0), "fixed-mix": (0.2, 0.8)}
+    if method in expect:
+        assert (last["w_rl"], last["w_sft"]) == pytest.approx(expect[method])
+    if method == "srft":
+        assert last["w_rl"] == 1.0 and last["w_sft"] == pytest.approx(0.5 * math.exp(-last["entropy"]))
+    if method in ("sft-grpo", "fixed-mix", "amft-no-meta", "amft-no-entropy"):
+        assert lines[0]["phase"] == "warmup" and lines[0]["w_sft"] == 1.0 and lines[0]["rl_loss"] is None
+    if method in ("grpo", "luffy", "srft"):
+        assert lines[0]["phase"] == "main" and lines[0]["rl_loss"] is not None
+    if method == "amft-no-meta":
+        assert all(m["meta_grad"] is None for m in lines) and lines[-1]["mu"] != 0.8
+    if method == "amft-no-entropy":
+        # only the meta-gradient moves mu (a random model's validation rewards may all be 0: then it stays)
+        assert lines[2]["meta_grad"] is not None and (lines[-1]["mu"] != 0.8) == any(m["meta_grad"] for m in lines[2:])
+
+
+def test_off_policy_losses():
+    logp = torch.log(torch.tensor([[0.5, 0.01]], requires_grad=True))
+    logp.retain_grad()
+    amft.off_policy_loss(logp, torch.tensor([1.0]), torch.ones(1, 2), shaping=True).backward()
+    p = torch.tensor([0.5, 0.01])
+    # d/dlogp of -mean(f(p)) = -(gamma p / (p + gamma)^2) / 2: rare tokens keep a large weight relative to p
+    torch.testing.assert_close(logp.grad[0], -(0.1 * p / (p + 0.1) ** 2) / 2)
+    logp2 = torch.zeros(1, 2, requires_grad=True)
+    amft.off_policy_loss(logp2, torch.tensor([2.0]), torch.ones(1, 2), shaping=False).backward()
+    torch.testing.assert_close(logp2.grad, torch.full((1, 2), -1.0))
 
 
 @pytest.mark.parametrize("args,message", [

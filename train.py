@@ -34,7 +34,10 @@ import amft
 import data
 import model as policy
 
-METHODS = ("amft", "sft", "grpo", "fixed-mix")
+METHODS = ("amft", "amft-no-meta", "amft-no-entropy", "fixed-mix", "sft", "grpo", "sft-grpo", "srft", "luffy")
+AMFT = ("amft", "amft-no-meta", "amft-no-entropy")   # the methods with a mu controller
+WARM = AMFT + ("fixed-mix", "sft-grpo")              # the methods that start with SFT-only steps
+DEMO_IN_GROUP = ("srft", "luffy")                    # a demonstration joins each GRPO group
 
 
 def arg(default, help):
@@ -52,7 +55,7 @@ class Config:
     chat: str = arg("auto", "use the chat template: auto (instruct/chat models) | on | off")
     # budget
     steps: int = arg(800, "optimizer steps in all, warm-up included")
-    warmup: int = arg(200, "SFT-only steps before mixing starts (W); H_target is measured at its end")
+    warmup: int = arg(200, "SFT-only steps before mixing starts (W; amft*, fixed-mix, and sft-grpo's first stage)")
     batch_size: int = arg(16, "B: prompts per step (each has a demonstration)")
     group_size: int = arg(8, "G: completions sampled per prompt")
     max_new_tokens: int = arg(0, "longest completion in tokens; 0 = 16 for general-points, 512 for math")
@@ -79,8 +82,6 @@ class Config:
     meta_alpha: float = arg(0.0, "look-ahead step alpha; 0 = use --lr")
     val_prompts: int = arg(8, "validation prompts (x G samples) per meta-gradient")
     H_target: float = arg(float("nan"), "target entropy in nats; nan = measure at the end of warm-up")
-    no_meta: bool = arg(False, "ablation: drop the meta-gradient term")
-    no_entropy: bool = arg(False, "ablation: drop the entropy term")
     # run
     eval_every: int = arg(50, "steps between greedy accuracy checks on the validation split")
     eval_batch: int = arg(64, "prompts per generate call when evaluating")
@@ -167,10 +168,13 @@ def sft_backward(model, ids, attn, lmask, micro):
     return total
 
 
-def rl_backward(model, ref_model, full, fattn, cmask, A, cfg):
+def rl_backward(model, ref_model, full, fattn, cmask, A, cfg, demos=None):
     """Accumulate grad L_RL in micro-batches; returns the loss, the rollouts' mean token
-    entropy (free: from the same logits) and summed metrics."""
-    total, H_sum, metrics, denom, C = 0.0, 0.0, {}, cmask.sum(), cmask.shape[1]
+    entropy (free: from the same logits) and summed metrics. demos = (ids, attn, mask, A) adds
+    the off-policy demonstrations of srft/luffy to the token-level mean."""
+    C = cmask.shape[1]
+    total, H_sum, metrics = 0.0, 0.0, {}
+    denom = cmask.sum() + (demos[2].sum() if demos else 0)
     for sl in slices(len(full), cfg.micro_batch):
         logp, ent = policy.token_logprobs(model, full[sl], fattn[sl], cfg.temperature, True, n_last=C)
         ref_logp = None
@@ -184,7 +188,14 @@ def rl_backward(model, ref_model, full, fattn, cmask, A, cfg):
         H_sum += (ent.detach() * cmask[sl]).sum().item()
         for k, v in chunk_metrics.items():
             metrics[k] = metrics.get(k, 0.0) + v
-    return total, H_sum / denom.item(), metrics
+    if demos:
+        ids, attn, dmask, A_demo = demos
+        for sl in slices(len(ids), cfg.micro_batch):
+            logp = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=dmask.shape[1])[0]
+            loss = amft.off_policy_loss(logp, A_demo[sl], dmask[sl], shaping=cfg.method == "luffy", denom=denom)
+            loss.backward()
+            total += loss.item()
+    return total, H_sum / cmask.sum().item(), metrics
 
 
 def rollouts(model, tok, rows, cfg, eos):
@@ -270,7 +281,7 @@ def main(cfg: Config):
     train_rows, val_rows = splits["train"], splits["val"] or splits["train"]
     ref_model = None
     # everything the loop carries from step to step: what a checkpoint must hold
-    state = {"step": 0, "mu": {"sft": 1.0, "grpo": 0.0}.get(cfg.method, cfg.mu0), "meta_v": 0.0, "meta_n": 0,
+    state = {"step": 0, "mu": cfg.mu0 if cfg.method in AMFT + ("fixed-mix",) else None, "meta_v": 0.0, "meta_n": 0,
              "H_target": None if math.isnan(cfg.H_target) else cfg.H_target, "bad_in_row": 0, "skipped": 0,
              "samples_seen": 0, "order": [], "before": None}
     if ckpt:
@@ -293,43 +304,52 @@ def main(cfg: Config):
         if len(state["order"]) < cfg.batch_size:  # epochs over the training rows, reshuffled
             state["order"] += random.sample(range(len(train_rows)), len(train_rows))
         rows = [data.reshuffle(train_rows[state["order"].pop()], random) for _ in range(cfg.batch_size)]
-        warm = cfg.method != "grpo" and step < cfg.warmup
-        use_rl, use_sft = cfg.method != "sft" and not warm, cfg.method != "grpo"
+        warm = cfg.method in WARM and step < cfg.warmup
+        use_rl = cfg.method != "sft" and not warm
+        use_sft = cfg.method not in ("grpo", "luffy") and (warm or cfg.method != "sft-grpo")
         mu = state["mu"]
-        m = {"step": step, "phase": "warmup" if warm else "mix", "mu": 1.0 if warm else mu, "entropy": None,
+        m = {"step": step, "phase": "warmup" if warm else "main", "mu": mu, "entropy": None,
              "H_target": state["H_target"], "reward_mean": None, "reward_std": None, "sft_loss": None,
              "rl_loss": None, "meta_grad": None, "frac_zero_std": None}
+        demo_batch = policy.sft_batch(tok, [r["prompt"] for r in rows], [r["demo"] for r in rows], end, device)
         # --------------------------------------------------------------- SFT gradient
         g_sft, g_rl, losses = {}, {}, []
         if use_sft:
             opt.zero_grad(set_to_none=True)
-            m["sft_loss"] = sft_backward(model, *policy.sft_batch(tok, [r["prompt"] for r in rows], [r["demo"] for r in rows], end, device), cfg.micro_batch)
+            m["sft_loss"] = sft_backward(model, *demo_batch, cfg.micro_batch)
             g_sft = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
             losses.append(m["sft_loss"])
         # --------------------------------------------------------------- rollouts and RL gradient
         if use_rl:
             full, fattn, cmask, r = rollouts(model, tok, rows, cfg, eos)        # r: (B, G)
-            A, m["frac_zero_std"] = amft.group_advantages(r)
+            demos = None
+            if cfg.method in DEMO_IN_GROUP:  # the demonstration is the group's (G+1)-th sample
+                r_demo = torch.tensor([data.reward(row, row["demo"]) for row in rows])[:, None]
+                A, m["frac_zero_std"] = amft.group_advantages(torch.cat([r, r_demo], 1))  # (B, G+1)
+                demos, A = (*demo_batch, A[:, -1].to(device)), A[:, :-1]
+            else:
+                A, m["frac_zero_std"] = amft.group_advantages(r)
             if cfg.beta > 0 and ref_model is None:  # frozen copy of the policy as RL begins
                 ref_model = policy.frozen_copy(model)
             opt.zero_grad(set_to_none=True)
-            m["rl_loss"], H, rl_metrics = rl_backward(model, ref_model, full, fattn, cmask, A.flatten().to(device), cfg)
+            m["rl_loss"], H, rl_metrics = rl_backward(model, ref_model, full, fattn, cmask, A.flatten().to(device), cfg, demos)
             g_rl = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
             m.update(rl_metrics, entropy=H, reward_mean=r.mean().item(), reward_std=r.std().item(),
                      completion_len=cmask.sum(1).mean().item())
             losses.append(m["rl_loss"])
-            if state["H_target"] is None:  # first mixing step: entropy of the warmed-up policy's own samples
+            if state["H_target"] is None and cfg.method in AMFT:  # entropy of the warmed-up policy's own samples
                 state["H_target"] = m["H_target"] = H
         # --------------------------------------------------------------- mu update (AMFT only)
-        if use_rl and cfg.method == "amft":
-            g_H = 0.0 if cfg.no_entropy else amft.entropy_signal(state["H_target"], m["entropy"])
+        if use_rl and cfg.method in AMFT:
+            g_H = 0.0 if cfg.method == "amft-no-entropy" else amft.entropy_signal(state["H_target"], m["entropy"])
             g_meta = 0.0
-            if not cfg.no_meta and (step - cfg.warmup) % cfg.meta_every == 0:
+            if cfg.method != "amft-no-meta" and (step - cfg.warmup) % cfg.meta_every == 0:
                 raw = meta_gradient(model, tok, val_rows, params, g_rl, g_sft, mu, alpha, cfg, eos)
                 g_meta, state["meta_v"], state["meta_n"] = amft.normalize_meta_grad(raw, state["meta_v"], state["meta_n"])
                 m["meta_grad"], m["meta_grad_scaled"] = raw, g_meta
             state["mu"] = m["mu"] = amft.update_mu(mu, g_meta, g_H, cfg.eta_meta, cfg.eta_H, cfg.mu_min, cfg.mu_max)
         # --------------------------------------------------------------- parameter step
+        m["w_rl"], m["w_sft"] = amft.loss_weights(cfg.method, state["mu"], m["entropy"] or 0.0, warm)
         if not all(math.isfinite(l) for l in losses):
             state["bad_in_row"] += 1
             state["skipped"] += 1
@@ -339,7 +359,7 @@ def main(cfg: Config):
                                     f"(try a lower --lr or --dtype float32)")
         else:
             state["bad_in_row"] = 0
-            mixed = amft.mix_grads(g_rl, g_sft, 1.0 if warm else state["mu"])
+            mixed = amft.mix_grads(g_rl, g_sft, m["w_rl"], m["w_sft"])
             for n, p in params.items():
                 p.grad = mixed.get(n)
             m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip).item()
@@ -347,7 +367,8 @@ def main(cfg: Config):
         # --------------------------------------------------------------- log and save
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             m["val_accuracy"] = evaluate(model, tok, splits["val"] or val_rows, cfg, eos)[0]
-        n_samples = (cfg.batch_size if use_sft else 0) + (cfg.batch_size * cfg.group_size if use_rl else 0)
+        n_demos = cfg.batch_size if use_sft or (use_rl and cfg.method in DEMO_IN_GROUP) else 0
+        n_samples = n_demos + (cfg.batch_size * cfg.group_size if use_rl else 0)  # demonstrations + rollouts
         state["samples_seen"] += n_samples
         state["step"] = step + 1
         m["samples_per_s"], m["samples_seen"] = n_samples / (time.time() - t0), state["samples_seen"]
