@@ -392,7 +392,9 @@ def main(cfg: Config):
                    H_target=state["H_target"], skipped_steps=state["skipped"], test_prompts=len(splits["test"]),
                    wall_seconds=round(time.time() - t_start, 1), device=device)
     atomic_json(summary, os.path.join(out, "summary.json"))
-    print(f"after training {after} ({summary['wall_seconds']:.0f} s); results in {out}")
+    import compare  # here, not at the top: compare.py imports this file
+    figure = compare.plot_run(out)
+    print(f"after training {after} ({summary['wall_seconds']:.0f} s); results in {out}" + (f", plot {figure}" if figure else ""))
     return summary
 
 

@@ -1,0 +1,174 @@
+"""
+The evidence: every method of AMFT-SPEC.md x several seeds on the built-in General Points
+task, at equal budgets (same model, same steps x prompts per step, so every method sees the
+same training hands the same number of times), then a Markdown table and plots.
+
+    python compare.py                 # 9 methods x 3 seeds, 300 steps each (~40 min, 2 CPU cores)
+    python compare.py --quick         # 9 methods x 2 seeds, 120 steps (a few minutes)
+    python compare.py --methods amft,sft --seeds 5 --steps 500
+
+Writes to --out (default runs/compare-<time>): one train.py run folder per method and seed
+(a finished run is kept and reused, so an interrupted comparison picks up where it stopped),
+results.md (ID/OOD accuracy mean +- std over seeds, samples, wall time) and, when
+matplotlib is installed, comparison.png: mu over steps for amft and its ablations, entropy
+against its target, and validation accuracy against samples seen for every method.
+`plot_run` draws one run's mu, entropy and reward; train.py calls it at the end of a run.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import train
+
+
+def load_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _pyplot():
+    """matplotlib.pyplot without a display, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_run(run_dir):
+    """run_dir/curves.png: mu (and w_SFT), entropy against its target, and mean reward per step."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    m = load_metrics(run_dir)
+    steps = [x["step"] for x in m]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(steps, [x["w_sft"] for x in m], label="w_SFT (weight on imitation)")
+    if any(x["mu"] is not None for x in m):
+        axes[0].plot(steps, [x["mu"] for x in m], "--", label="mu")
+    axes[0].set(xlabel="step", ylabel="weight", ylim=(0, 1.05), title="imitation weight")
+    axes[1].plot(steps, [x["entropy"] for x in m], label="entropy H_t")
+    if any(x["H_target"] is not None for x in m):
+        axes[1].plot(steps, [x["H_target"] for x in m], "--", label="target H*")
+    axes[1].set(xlabel="step", ylabel="nats", title="rollout token entropy")
+    axes[2].plot(steps, [x["reward_mean"] for x in m], label="train reward (rollouts)")
+    val = [(x["step"], x["val_accuracy"]) for x in m if "val_accuracy" in x]
+    if val:
+        axes[2].plot(*zip(*val), "o-", label="val greedy accuracy")
+    axes[2].set(xlabel="step", ylim=(0, 1.05), title="reward")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(run_dir, "curves.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+
+
+def table(results, settings: str) -> str:
+    """Markdown: one row per method, mean +- std over seeds."""
+    lines = [f"Settings: {settings}", "",
+             "| method | ID accuracy | OOD accuracy | final w_SFT | samples per run (demos + rollouts) | wall s per run |",
+             "|---|---|---|---|---|---|"]
+    for method, runs in results.items():
+        s = [r["summary"] for r in runs]
+        w_sft = [r["metrics"][-1]["w_sft"] for r in runs]
+        lines.append(f"| {method} | {mean_std([x['id_accuracy'] for x in s])} | {mean_std([x['ood_accuracy'] for x in s])} "
+                     f"| {statistics.mean(w_sft):.2f} | {runs[0]['metrics'][-1]['samples_seen']:,} "
+                     f"| {statistics.mean(x['wall_seconds'] for x in s):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(results, path):
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for method in [m for m in train.AMFT if m in results]:
+        for i, r in enumerate(results[method]):
+            m = r["metrics"]
+            axes[0].plot([x["step"] for x in m], [x["mu"] for x in m], color=f"C{train.AMFT.index(method)}",
+                         alpha=0.8, label=method if i == 0 else None)
+            main = [x for x in m if x["entropy"] is not None]
+            axes[1].plot([x["step"] for x in main], [x["entropy"] for x in main], color=f"C{train.AMFT.index(method)}",
+                         alpha=0.6, label=f"{method} H_t" if i == 0 else None)
+            if main and main[0]["H_target"] is not None:
+                axes[1].plot([x["step"] for x in main], [x["H_target"] for x in main], "--", color=f"C{train.AMFT.index(method)}",
+                             alpha=0.6, label=f"{method} H*" if i == 0 else None)
+    axes[0].set(xlabel="step", ylabel="mu", ylim=(0, 1), title="mu (weight on SFT), each seed")
+    axes[1].set(xlabel="step", ylabel="nats", title="rollout entropy against its target")
+    for j, (method, runs) in enumerate(results.items()):
+        curves = [[(x["samples_seen"], x["val_accuracy"]) for x in r["metrics"] if "val_accuracy" in x] for r in runs]
+        n = min(len(c) for c in curves)
+        if n:
+            xs = [curves[0][k][0] for k in range(n)]
+            axes[2].plot(xs, [statistics.mean(c[k][1] for c in curves) for k in range(n)], "o-", ms=3,
+                         color=f"C{j % 10}", label=method)
+    axes[2].set(xlabel="training samples seen (demos + rollouts)", ylabel="greedy accuracy", xscale="log",
+                ylim=(0, 1), title="validation accuracy, mean over seeds")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(train.METHODS), help="comma-separated (default: all)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick: 2)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default 300; --quick: 120)")
+    p.add_argument("--warmup", type=int, default=None, help="SFT warm-up steps (default 100; --quick: 40)")
+    p.add_argument("--batch-size", type=int, default=16, help="B: prompts per step")
+    p.add_argument("--group-size", type=int, default=8, help="G: samples per prompt")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validation checks (default steps/10)")
+    p.add_argument("--quick", action="store_true", help="fewer seeds and steps: a few minutes on a CPU")
+    p.add_argument("--out", default="", help="output folder (default runs/compare-<time>); reused if it exists")
+    a = p.parse_args(argv)
+    seeds = a.seeds or (2 if a.quick else 3)
+    steps = a.steps or (120 if a.quick else 300)
+    warmup = a.warmup if a.warmup is not None else (40 if a.quick else 100)
+    eval_every = a.eval_every or max(1, steps // 10)
+    methods = a.methods.split(",")
+    unknown = [m for m in methods if m not in train.METHODS]
+    if unknown or seeds < 1 or steps < 1:
+        raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(train.METHODS)}" if unknown
+                         else "error: --seeds and --steps must be >= 1")
+    out = a.out or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(out, exist_ok=True)
+    results, t0 = {}, time.time()
+    for method in methods:
+        for seed in range(seeds):
+            run = os.path.join(out, f"{method}-seed{seed}")
+            if not os.path.isfile(os.path.join(run, "summary.json")):  # a finished run is reused
+                if os.path.isdir(run):
+                    os.rename(run, f"{run}.incomplete-{time.strftime('%H%M%S')}")
+                train.main(train.Config(method=method, seed=seed, steps=steps, warmup=warmup, batch_size=a.batch_size,
+                                        group_size=a.group_size, eval_every=eval_every, save_every=0, out=run))
+            with open(os.path.join(run, "summary.json")) as f:
+                results.setdefault(method, []).append({"summary": json.load(f), "metrics": load_metrics(run)})
+    settings = (f"`python compare.py{' --quick' if a.quick else ''}`: {len(methods)} methods x {seeds} seeds, {steps} steps "
+                f"({warmup} SFT warm-up for amft*, fixed-mix, sft-grpo), B={a.batch_size}, G={a.group_size}; "
+                f"total {time.time() - t0:.0f} s")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table(results, settings))
+    figure = plot_comparison(results, os.path.join(out, "comparison.png"))
+    print(table(results, settings))
+    print(f"results in {out}/results.md" + (f" and {figure}" if figure else " (install matplotlib for plots)"))
+    return results
+
+
+if __name__ == "__main__":
+    main()
