@@ -13,6 +13,7 @@ Log-probs (one function for policy, old and reference):
     entropy[b, t] = logsumexp(z) - sum softmax(z) * z,   z = logits[b, t] / temperature
 """
 import copy
+import inspect
 import os
 import random
 import shutil
@@ -24,18 +25,24 @@ ALIASES = {f"Qwen2.5-{s}{i}": f"Qwen/Qwen2.5-{s}{i}" for s in QWEN_SIZES for i i
 TINY_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # printable ASCII and newline
 
 
-def make_tiny_model(path: str, n_layer=4, n_embd=128, n_head=4, max_len=128, seed=0):
+# Qwen2.5-0.5B's shape, for benchmarks without the hub: random weights, our char tokenizer
+QWEN_0_5B = dict(n_layer=24, n_embd=896, n_head=14, n_kv_head=2, n_inner=4864, vocab_size=151936, max_len=32768)
+
+
+def make_tiny_model(path: str, n_layer=4, n_embd=128, n_head=4, max_len=128, seed=0, n_kv_head=None,
+                    n_inner=None, vocab_size=None):
     """Write a randomly initialised tiny Qwen2 and a character-level Qwen2 tokenizer to `path`.
     The tokenizer is Qwen2's own class (byte-level BPE) with one token per character and no
-    merges, so it saves, reloads and decodes exactly like Qwen2.5's."""
+    merges, so it saves, reloads and decodes exactly like Qwen2.5's. make_tiny_model(path,
+    **QWEN_0_5B) gives Qwen2.5-0.5B's shape (its vocabulary is larger than the tokenizer's)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
     byte_level = {" ": "\u0120", "\n": "\u010a"}  # how byte-level BPE spells space and newline
     specials = ["<pad>", "<eos>", "<unk>"]
     vocab = {t: i for i, t in enumerate(specials + [byte_level.get(c, c) for c in TINY_CHARS])}
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
-    config = Qwen2Config(vocab_size=len(vocab), hidden_size=n_embd, intermediate_size=4 * n_embd,
+    config = Qwen2Config(vocab_size=vocab_size or len(vocab), hidden_size=n_embd, intermediate_size=n_inner or 4 * n_embd,
                          num_hidden_layers=n_layer, num_attention_heads=n_head,
-                         num_key_value_heads=n_head, max_position_embeddings=max_len,
+                         num_key_value_heads=n_kv_head or n_head, max_position_embeddings=max_len,
                          tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
@@ -177,25 +184,74 @@ def completion_mask(completions: torch.Tensor, eos: list) -> torch.Tensor:
 # ---------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def sample(model, tok, prompts: list, G: int, temperature: float, max_new_tokens: int,
-           greedy: bool = False, eos=None):
+           greedy: bool = False, eos=None, sampler: str = "generate"):
     """G completions per prompt. Returns prompt_ids (B*G, P), prompt_mask (B*G, P),
     completions (B*G, C), completion mask (B*G, C), texts (B*G,), rows in prompt-major
-    order: prompt b's samples are rows b*G .. b*G+G-1."""
+    order: prompt b's samples are rows b*G .. b*G+G-1. sampler: 'generate' (transformers),
+    'loop' (decode_loop below) or 'compiled' (decode_loop, static cache, torch.compile)."""
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     ids = enc.input_ids.repeat_interleave(G, 0).to(device)           # (B*G, P)
     attn = enc.attention_mask.repeat_interleave(G, 0).to(device)     # (B*G, P)
     eos = eos or eos_ids(tok, model)
-    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
-                                                       top_k=0, top_p=1.0)
-    out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                         eos_token_id=eos, pad_token_id=tok.pad_token_id, **kwargs)
-    completions = out[:, ids.shape[1]:]                               # (B*G, C)
+    if sampler == "generate":
+        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos, pad_token_id=tok.pad_token_id, **kwargs)
+        completions = out[:, ids.shape[1]:]                           # (B*G, C)
+    else:
+        completions = decode_loop(model, ids, attn, max_new_tokens, temperature, eos, tok.pad_token_id,
+                                  greedy, compiled=sampler == "compiled")
     mask = completion_mask(completions, eos)
     lengths = mask.sum(1).long().tolist()
     texts = tok.batch_decode([c[:n] for c, n in zip(completions.tolist(), lengths)],
                              skip_special_tokens=True)
     return ids, attn, completions, mask, texts
+
+
+_compiled_steps = {}
+
+
+def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=False, compiled=False):
+    """The decode loop of generate(), written out: prefill the prompts into a KV cache, then
+    one token per forward. Sampling is generate()'s, op for op (float32 logits / temperature,
+    softmax, one torch.multinomial per step; finished rows get pad), so with the same seed it
+    draws the same tokens. compiled=True preallocates a StaticCache (fixed shapes: the whole
+    attention mask is passed every step) and runs the one-token forward through
+    torch.compile(mode="reduce-overhead"), which captures it as a CUDA graph on a GPU."""
+    from transformers import DynamicCache, StaticCache
+    B, P = ids.shape
+    cache = (StaticCache(config=model.config, max_cache_len=P + max_new_tokens) if compiled
+             else DynamicCache(config=model.config))
+    mask = torch.cat([attn, attn.new_ones(B, max_new_tokens)], 1)             # (B, P+C)
+    position = (attn.cumsum(-1) - 1).clamp(min=0)                             # (B, P)
+    kv = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in transformers 5.x
+    forward = model
+    if compiled:
+        key = id(model)
+        if key not in _compiled_steps:
+            _compiled_steps[key] = torch.compile(model, mode="reduce-overhead", fullgraph=False)
+        forward = _compiled_steps[key]
+    logits = model(input_ids=ids, attention_mask=mask[:, :P] if not compiled else mask, position_ids=position,
+                   cache_position=torch.arange(P, device=ids.device), logits_to_keep=1, **{kv: cache}).logits
+    out = ids.new_full((B, max_new_tokens), pad)                               # (B, C)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    eos_t = torch.tensor(eos, device=ids.device)
+    for t in range(max_new_tokens):
+        scores = logits[:, -1].float()                                         # (B, V)
+        if greedy:
+            token = scores.argmax(-1)
+        else:
+            token = torch.multinomial(torch.softmax(scores / temperature, -1), 1).squeeze(1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        out[:, t] = token
+        done |= torch.isin(token, eos_t)
+        if bool(done.all()) or t + 1 == max_new_tokens:
+            return out[:, :t + 1]
+        step_mask = mask if compiled else mask[:, :P + t + 1]
+        logits = forward(input_ids=token[:, None], attention_mask=step_mask, position_ids=position[:, -1:] + t + 1,
+                         cache_position=torch.tensor([P + t], device=ids.device), **{kv: cache}).logits
+    return out
 
 
 # ---------------------------------------------------------------------------- log-probs

@@ -613,3 +613,39 @@ def test_lora_run_trains_adapters_only_and_saves_a_merged_model(tmp_path, tiny_p
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+# ---------------------------------------------------------------------------- comparison and speed
+@pytest.mark.parametrize("greedy", [True, False])
+def test_decode_loop_draws_the_same_tokens_as_generate(tiny_path, greedy):
+    model, tok = policy.load_policy(tiny_path)
+    prompts = ["cards 3 J 5; J,Q,K=10; make 10: ", "ab", "make"]
+    outs = {}
+    for sampler in ("generate", "loop"):
+        torch.manual_seed(3)
+        outs[sampler] = policy.sample(model, tok, prompts, 4, 0.7, 10, greedy=greedy, sampler=sampler)
+    for a, b in zip(outs["generate"][2:4], outs["loop"][2:4]):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert outs["generate"][4] == outs["loop"][4]
+
+
+def test_compare_quick_writes_table_and_figure(tmp_path):
+    import compare
+    results = compare.main(["--quick", "--methods", "sft,amft", "--seeds", "2", "--steps", "3", "--warmup", "1",
+                            "--batch-size", "2", "--group-size", "2", "--eval-every", "1", "--out", str(tmp_path)])
+    assert set(results) == {"sft", "amft"} and all(len(r) == 2 for r in results.values())
+    table = (tmp_path / "results.md").read_text()
+    assert "| sft |" in table and "| amft |" in table and "±" in table
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000 and (tmp_path / "amft-seed1" / "curves.png").exists()
+    # a finished run is reused, not trained again
+    before = (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime
+    compare.main(["--methods", "sft", "--seeds", "1", "--steps", "3", "--out", str(tmp_path)])
+    assert (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime == before
+
+
+def test_bench_quick_prints_every_row():
+    import bench
+    result = bench.main(["--quick"])
+    assert len(result["decode"]) == 3 and all(ms > 0 and tps > 0 for _, ms, tps in result["decode"])
+    assert result["train_tokens_per_s"] > 0 and set(result["steps"]) == {"fixed-mix", "amft, meta every step", "amft, meta every 20"}
+    assert "x fixed-mix" in result["table"] and "x generate" in result["table"]

@@ -47,7 +47,7 @@ def arg(default, help):
 @dataclass
 class Config:
     # what to train
-    model: str = arg("tiny", "'tiny' (a small Qwen2 built from a config), a hub id, an alias like Qwen2.5-0.5B, or a folder")
+    model: str = arg("tiny", "'tiny' (a small Qwen2 built from a config), 'random-0.5b' (Qwen2.5-0.5B's shape, random), a hub id, an alias like Qwen2.5-0.5B, or a folder")
     method: str = arg("amft", f"one of {', '.join(METHODS)}")
     task: str = arg("general-points", "general-points | gsm8k | math500 | openr1 | a .jsonl/.json/.parquet file (see data.py)")
     cards: int = arg(3, "General Points: cards per hand (the paper's variant: 4)")
@@ -85,6 +85,7 @@ class Config:
     # run
     eval_every: int = arg(50, "steps between greedy accuracy checks on the validation split")
     eval_batch: int = arg(64, "prompts per generate call when evaluating")
+    sampler: str = arg("generate", "rollouts: generate (transformers) | loop (our decode loop, same samples) | compiled (static cache + torch.compile: the GPU fast path, see bench.py)")
     pass_k: int = arg(0, "also report pass@k from k samples per test prompt at --temperature; 0 = off")
     save_every: int = arg(200, "steps between checkpoints (one is always written at the end); 0 = end only")
     max_bad_steps: int = arg(10, "stop after this many non-finite losses in a row")
@@ -94,6 +95,7 @@ class Config:
     out: str = arg("", "output folder (default: runs/<method>-<time>); must be new or empty")
     resume: str = arg("", "a run folder to continue from its checkpoint; flags given now override its config")
     eval_only: bool = arg(False, "only evaluate --model on --task's test split(s) and write summary.json")
+    skip_test: bool = arg(False, "skip the test-split evaluations before and after training (benchmarks)")
 
 
 class UsageError(ValueError):
@@ -111,6 +113,7 @@ def check(cfg: Config):
         (cfg.meta_grad in ("first-order", "autograd", "fd"), "--meta-grad must be first-order, autograd or fd"),
         (cfg.dtype in ("float32", "bfloat16", "float64"), "--dtype must be float32, bfloat16 or float64"),
         (cfg.chat in ("auto", "on", "off"), "--chat must be auto, on or off"),
+        (cfg.sampler in ("generate", "loop", "compiled"), "--sampler must be generate, loop or compiled"),
         (0 <= cfg.mu_min <= cfg.mu_max <= 1, "mu bounds must satisfy 0 <= --mu-min <= --mu-max <= 1"),
         (0 <= cfg.mu0 <= 1, "--mu0 must be in [0, 1]"),
         (cfg.group_size >= 2, "--group-size (G) must be at least 2: advantages compare samples of one prompt"),
@@ -202,7 +205,7 @@ def rollouts(model, tok, rows, cfg, eos):
     """G samples per row -> (prompt+completion ids, attention, completion mask, rewards (B, G))."""
     model.eval()
     ids, attn, comp, cmask, texts = policy.sample(model, tok, [r["prompt"] for r in rows], cfg.group_size,
-                                                  cfg.temperature, cfg.max_new_tokens, eos=eos)
+                                                  cfg.temperature, cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
     model.train()
     return torch.cat([ids, comp], 1), torch.cat([attn, cmask.long()], 1), cmask, score(texts, rows, cfg.group_size)
 
@@ -246,8 +249,9 @@ def main(cfg: Config):
         cfg.max_new_tokens = 16 if "test_ood" in splits else 512
     ckpt = os.path.join(cfg.resume, "checkpoint") if cfg.resume else None
     name = ckpt or cfg.model
-    if name == "tiny":
-        name = policy.make_tiny_model(tempfile.mkdtemp(prefix="amft-tiny-"), seed=cfg.seed)
+    if name in ("tiny", "random-0.5b"):
+        shape = policy.QWEN_0_5B if name == "random-0.5b" else {}
+        name = policy.make_tiny_model(tempfile.mkdtemp(prefix="amft-tiny-"), seed=cfg.seed, **shape)
     try:
         model, tok = policy.load_policy(name, dtype, device, lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt)
     except ValueError as e:
@@ -263,6 +267,8 @@ def main(cfg: Config):
     ood = "test_ood" in splits
 
     def test_all(k=0):
+        if cfg.skip_test:
+            return {"id_accuracy": None, "ood_accuracy": None}
         (id_acc, id_k), (ood_acc, _) = (evaluate(model, tok, splits[s], cfg, eos, k) if s in splits else (None, None)
                                         for s in ("test", "test_ood"))
         return {"id_accuracy": id_acc, "ood_accuracy": ood_acc, f"pass@{k}": id_k} if k else {"id_accuracy": id_acc, "ood_accuracy": ood_acc}
@@ -365,13 +371,13 @@ def main(cfg: Config):
             m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip).item()
             opt.step()
         # --------------------------------------------------------------- log and save
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            m["val_accuracy"] = evaluate(model, tok, splits["val"] or val_rows, cfg, eos)[0]
         n_demos = cfg.batch_size if use_sft or (use_rl and cfg.method in DEMO_IN_GROUP) else 0
         n_samples = n_demos + (cfg.batch_size * cfg.group_size if use_rl else 0)  # demonstrations + rollouts
         state["samples_seen"] += n_samples
         state["step"] = step + 1
         m["samples_per_s"], m["samples_seen"] = n_samples / (time.time() - t0), state["samples_seen"]
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:  # not counted in samples_per_s
+            m["val_accuracy"] = evaluate(model, tok, splits["val"] or val_rows, cfg, eos)[0]
         log.write(json.dumps(m) + "\n")
         log.flush()
         pbar.set_postfix({k: f"{v:.3f}" for k, v in [("mu", m["mu"]), ("reward", m["reward_mean"]),
