@@ -31,6 +31,18 @@ Where this departs from the paper (and the authors' code), and why:
    update; the clip is kept so the loss is GRPO's, and binds when updates per batch > 1.
 5. Target entropy H_target is measured once, on the policy's own samples at the end of the
    SFT warm-up (as the spec says), unless given as a flag.
+
+The baselines share the same loop; `loss_weights` gives each method's update w_RL g_RL + w_SFT g_SFT:
+  sft (0, 1); grpo, luffy and sft-grpo after its SFT stage (1, 0); fixed-mix and amft (1 - mu, mu);
+  srft (1, 0.5 exp(-H)).  Choices of ours where the baselines' papers leave room:
+6. SRFT (arXiv 2506.19767): H in w_SFT = 0.5 sg(exp(-H)) is the mean token entropy of this step's
+   rollouts; "RL on demonstrations" puts the demonstration in the GRPO group as its (G+1)-th
+   sample with the plain policy gradient (no ratio: it was not sampled from pi). SRFT's extra
+   weighting of positive self-rollouts is not implemented.
+7. LUFFY (arXiv 2504.14945): the demonstration is the group's (G+1)-th sample, advantages are
+   computed over all G+1, and its tokens use the shaped objective f(p) = p / (p + 0.1), unclipped.
+8. Warm-up: amft, its ablations, fixed-mix and sft-grpo (whose first stage it is) start with
+   --warmup SFT-only steps; sft, grpo, srft and luffy start from the base model, as in their papers.
 """
 import math
 
