@@ -636,7 +636,11 @@ def test_compare_quick_writes_table_and_figure(tmp_path):
     assert set(results) == {"sft", "amft"} and all(len(r) == 2 for r in results.values())
     table = (tmp_path / "results.md").read_text()
     assert "| sft |" in table and "| amft |" in table and "±" in table
-    assert (tmp_path / "comparison.png").stat().st_size > 10_000 and (tmp_path / "amft-seed1" / "curves.png").exists()
+    try:
+        import matplotlib  # noqa: F401  (optional: without it the table is still written)
+        assert (tmp_path / "comparison.png").stat().st_size > 10_000 and (tmp_path / "amft-seed1" / "curves.png").exists()
+    except ImportError:
+        assert not (tmp_path / "comparison.png").exists()
     # a finished run is reused, not trained again
     before = (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime
     compare.main(["--methods", "sft", "--seeds", "1", "--steps", "3", "--out", str(tmp_path)])

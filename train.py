@@ -264,14 +264,17 @@ def main(cfg: Config):
     # only now, with every input checked, do we create the output folder
     out = cfg.resume or cfg.out or os.path.join("runs", f"{'eval' if cfg.eval_only else cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
-    ood = "test_ood" in splits
 
     def test_all(k=0):
-        if cfg.skip_test:
-            return {"id_accuracy": None, "ood_accuracy": None}
-        (id_acc, id_k), (ood_acc, _) = (evaluate(model, tok, splits[s], cfg, eos, k) if s in splits else (None, None)
-                                        for s in ("test", "test_ood"))
-        return {"id_accuracy": id_acc, "ood_accuracy": ood_acc, f"pass@{k}": id_k} if k else {"id_accuracy": id_acc, "ood_accuracy": ood_acc}
+        """Greedy accuracy on the test split(s), and pass@k on the ID test when k > 0."""
+        result = {"id_accuracy": None, "ood_accuracy": None}
+        if not cfg.skip_test:
+            result["id_accuracy"], pass_k = evaluate(model, tok, splits["test"], cfg, eos, k)
+            if "test_ood" in splits:
+                result["ood_accuracy"] = evaluate(model, tok, splits["test_ood"], cfg, eos)[0]
+            if k:
+                result[f"pass@{k}"] = pass_k
+        return result
 
     if cfg.eval_only:
         summary = dict(method="eval-only", model=cfg.model, task=cfg.task, steps=0, **test_all(cfg.pass_k),
