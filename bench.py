@@ -132,7 +132,7 @@ def main(argv=None):
     steps = bench_steps(model_name, device, dtype, sSteps, sB, sG, sC, "compiled" if cuda else "generate")
 
     base = rows[0][1]
-    lines = [f"| what | value | vs baseline |", "|---|---|---|"]
+    lines = ["| what | value | vs baseline |", "|---|---|---|"]
     lines += [f"| {name}, B={B}, prompt {P}, {C} new | {ms:.2f} ms/step, {tps:,.0f} tok/s | {base / ms:.2f}x generate |"
               for name, ms, tps in rows]
     lines.append(f"| train fwd+bwd, {N} x {T} tokens, grad ckpt | {tokens_s:,.0f} tok/s, {tflops:.2f} TFLOP/s, peak {peak:.1f} GiB | |")

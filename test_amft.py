@@ -1,5 +1,7 @@
 """
-Tests, offline on a CPU:  HF_HUB_OFFLINE=1 python -m pytest -q test_amft.py
+Tests of the algorithm, the policy and the command line, offline on a CPU (fixtures in
+conftest.py; the verifiers' tests are in test_tasks.py):
+    HF_HUB_OFFLINE=1 python -m pytest -q test_amft.py test_tasks.py
 
 A tiny Qwen2 is built from a config and saved once per session; everything else (sampling,
 log-probs, losses, meta-gradients, the CLI) runs on it for real.
@@ -10,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-from fractions import Fraction
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,204 +19,9 @@ import pytest
 import torch
 
 import amft
-import data
 import model as policy
-from rewards import answers_match, extract_answer, general_points_reward, math_reward, normalize_answer, parse_formula, parse_number
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="session")
-def tiny_path(tmp_path_factory):
-    return policy.make_tiny_model(str(tmp_path_factory.mktemp("tiny")), n_layer=2, n_embd=32, n_head=2)
-
-
-@pytest.fixture(scope="session")
-def tiny64(tiny_path):
-    return policy.load_policy(tiny_path, dtype=torch.float64)
-
-
-def run_cli(*args, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=HERE)
-
-
-# ---------------------------------------------------------------------------- verifier
-@pytest.mark.parametrize("completion,values,target,expected", [
-    ("3*(4-1)+1", [3, 4, 1, 1], 10, 1.0),
-    ("(10-4)*(1+3)", [10, 4, 1, 3], 24, 1.0),
-    ("8/(3-8/3)", [8, 3, 8, 3], 24, 1.0),      # needs exact fractions: 8/(1/3) = 24
-    ("8/(3-8/3) = 24\nmore text", [8, 3, 8, 3], 24, 1.0),
-    ("2×5", [2, 5], 10, 1.0),
-    ("3*(4-1)", [3, 4, 1, 1], 10, 0.0),        # a card left out
-    ("3*(4-1)+1+1", [3, 4, 1, 1], 10, 0.0),    # a card used twice
-    ("3*4-1-1", [3, 4, 1, 1], 10, 1.0),
-    ("3*4-1", [3, 4, 1, 1], 10, 0.0),
-    ("2+3+4+1", [2, 3, 4, 1], 24, 0.0),        # right cards, wrong value
-    ("10/(5-5)+2", [10, 5, 5, 2], 24, 0.0),    # division by zero
-    ("", [1, 2], 3, 0.0),
-    ("1+", [1, 2], 3, 0.0),
-    ("((1+2)", [1, 2], 3, 0.0),
-    ("one plus two", [1, 2], 3, 0.0),
-    ("1.5+1.5", [1.5, 1.5], 3, 0.0),           # only integer literals are cards
-    ("-1+4", [1, 4], 3, 0.0),                  # no unary minus
-    ("((((1+2))))", [1, 2], 3, 1.0),           # redundant parentheses are fine
-])
-def test_verifier_cases(completion, values, target, expected):
-    assert general_points_reward(completion, values, target) == expected
-
-
-@pytest.mark.parametrize("hostile", [
-    "__import__('os').system('echo pwned')", "().__class__.__bases__[0]", "open('/etc/passwd')",
-    "9**9**9**9", "2**10000000", "[1]*10**9", "lambda: 1", "(" * 5000 + "1" + ")" * 5000,
-    "1+(" * 20 + "1" + ")" * 20, "1" + "+1" * 5000, "9" * 100000, "\x00\x01", "1 if 1 else 2",
-])
-def test_verifier_hostile_input_scores_zero_fast(hostile):
-    t = time.time()
-    assert general_points_reward(hostile, [1, 2], 3) == 0.0
-    assert parse_formula(hostile) is None
-    assert time.time() - t < 0.5
-
-
-def test_solver_demonstrations_all_verify():
-    splits = data.general_points(3, 10)
-    assert all(len(s) > 0 for s in splits.values())
-    for rows in splits.values():
-        for r in rows:
-            assert general_points_reward(r["demo"], r["values"], r["target"]) == 1.0, r
-    assert data.solve([1, 1, 1], 24) is None
-    assert general_points_reward(data.solve([8, 3, 8, 3], 24), [8, 3, 8, 3], 24) == 1.0
-
-
-def test_task_needs_search_and_splits_are_disjoint():
-    import re
-    splits = data.general_points(3, 10)
-    key = lambda r: tuple(sorted(r["cards"]))
-    assert not {key(r) for r in splits["train"]} & {key(r) for r in splits["test"]}
-    patterns = {re.sub(r"\d+", "n", r["demo"]) for r in splits["train"]}
-    assert len(patterns) >= 5  # no single formula shape solves the task
-    # OOD differs only by the face-card rule: same hands, J/Q/K valued 11/12/13
-    ood = [r for r in splits["test_ood"] if "K" in r["cards"]]
-    assert ood and all(13 in r["values"] for r in ood) and "J,Q,K=11,12,13" in ood[0]["prompt"]
-
-
-def test_task_file_is_loaded_with_datasets_and_checked(tmp_path):
-    good = tmp_path / "hands.jsonl"
-    hands = data.all_hands(3)[:120]
-    good.write_text("\n".join(json.dumps({"cards": list(h)}) for h in hands))
-    splits = data.hands_from_file(str(good), target=10)
-    assert len(splits["train"]) > 0 and all(r["target"] == 10 for r in splits["train"])
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"hand": ["3", "4"]}) + "\n")
-    with pytest.raises(ValueError, match="'cards'"):
-        data.hands_from_file(str(bad), target=10)
-
-
-# ---------------------------------------------------------------------------- math verifier
-@pytest.mark.parametrize("completion,expected", [
-    ("so \\boxed{72} dollars in total.", "72"),                       # text after the box
-    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),                        # nested braces
-    ("first \\boxed{3}, then I fix it: \\boxed{4}", "4"),             # last box wins
-    ("\\fbox{7}", "7"),
-    ("$\\boxed{\\{1,2\\}}$", "\\{1,2\\}"),
-    ("\\boxed 5$.", "5"),                                            # box without braces
-    ("\\boxed{12", None),                                            # unclosed: no answer
-    ("\\boxed{1} ... \\boxed{2", None),                              # unclosed last box: no fallback
-    ("He pays 3 * 4 = 12.\n#### 1,234", "1,234"),                    # GSM8K
-    ("#### 72\n", "72"),
-    ("The answer is 42.", "42"),
-    ("so the answer is: 2.5. Done", "2.5"),                         # decimal point is not a full stop
-    ("THE ANSWER IS $\\frac{1}{2}$\nnext line", "$\\frac{1}{2}$"),
-    ("\\boxed{9}\n#### 8\nThe answer is 7", "9"),                    # box before ####, before prose
-    ("I think 5", None),
-    ("", None),
-])
-def test_math_verifier_extract_answer(completion, expected):
-    assert extract_answer(completion) == expected
-
-
-# ---------------------------------------------------------------------------- normalization
-@pytest.mark.parametrize("raw,canonical", [
-    ("\\frac{1}{2}", "1/2"), ("\\dfrac{3}{4}", "3/4"), ("\\tfrac{3}{4}", "3/4"),
-    ("\\frac12", "1/2"), ("\\dfrac1{2}", "1/2"), ("-\\frac{1}{2}", "-1/2"),
-    ("1,000,000", "1000000"), ("-1,234.50", "-1234.5"), ("1{,}000", "1000"), ("1\\,000", "1000"),
-    ("1, 2", "1,2"), ("(1,2)", "(1,2)"), ("1,23", "1,23"), ("12,34,567", "12,34,567"),
-    ("\\$5", "5"), ("$5$", "5"), ("50\\%", "50"), ("50%", "50"),
-    ("5\\text{ cm}", "5"), ("5 \\text{cm}^2", "5"), ("\\text{5 apples}", "5"), ("18 dollars", "18"), ("\\text{(A)}", "(A)"),
-    ("90^\\circ", "90"), ("90^{\\circ}", "90"), ("90°", "90"),
-    ("\u22123", "-3"), ("+5", "5"), (".5", "0.5"), ("72.0", "72"), ("072.50", "72.5"),
-    ("x = 5", "5"), ("\\theta=30", "30"), ("y_1 = 2", "2"), ("f(x) = 3x", "f(x)=3x"),
-    ("\\left( 1, 2 \\right)", "(1,2)"), ("\\!5", "5"), ("\\sqrt2", "\\sqrt{2}"),
-    ("x^2 + 1", "x^2+1"), ("42.", "42"), ("1\\frac{1}{2}", "1\\frac{1}{2}"),  # mixed number kept
-])
-def test_math_verifier_normalize_answer(raw, canonical):
-    assert normalize_answer(raw) == canonical
-
-
-@pytest.mark.parametrize("s,value", [
-    ("72", Fraction(72)), ("-3", Fraction(-3)), ("2.5", Fraction(5, 2)), ("0.5", Fraction(1, 2)),
-    ("3/4", Fraction(3, 4)), ("-1/2", Fraction(-1, 2)), ("1.5/3", Fraction(1, 2)),
-    ("1/0", None), ("\\sqrt{2}", None), ("1,2", None), ("1e5", None), ("", None),
-    ("9" * 1001, None),                                           # over MAX_DIGITS
-])
-def test_math_verifier_parse_number(s, value):
-    assert parse_number(s) == value
-
-
-# ---------------------------------------------------------------------------- matching
-@pytest.mark.parametrize("pred,truth,expected", [
-    ("2.50", "5/2", True), ("\\frac{5}{2}", "2.5", True), ("2/4", "\\frac12", True),
-    (".5", "1/2", True), ("72.0", "72", True), ("1,000,000", "1000000", True),
-    ("0.3333333", "1/3", True),                                   # rounded decimal: REL_TOL
-    ("1000000.5", "1000000", False),                              # no tolerance when exact is finite
-    ("0.5000001", "1/2", False),
-    ("0.33", "1/3", False), ("3", "\\frac{10}{3}", False),       # no tolerance without decimals
-    ("50", "0.5", False), ("50\\%", "0.5", False),               # no x100 percent equivalence
-    ("1, 2", "12", False), ("(1,2)", "12", False),               # lists are not thousands
-    ("\\sqrt{2}", "\\sqrt2", True), ("x^2 + 1", "x^2+1", True), ("(1, 2)", "(1,2)", True),
-    ("\\sqrt{3}", "\\sqrt{2}", False), ("1/0", "1/0", False), ("", "", False),
-])
-def test_math_verifier_answers_match(pred, truth, expected):
-    assert answers_match(pred, truth) is expected
-
-
-@pytest.mark.parametrize("completion,truth,expected", [
-    ("\\boxed{7}", "#### 7", 1.0), ("I think 5", "#### 7", 0.0),  # only the completion is scored
-    ("I think 7", "#### 7", 0.0),                                # no final-answer marker
-    ("so \\boxed{72} dollars.", "\\boxed{72}", 1.0), ("#### 1,234", "1234", 1.0),
-    ("The answer is 42.", "42", 1.0), ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
-    ("x = \\boxed{-3}", "\u22123", 1.0), ("\\boxed{\\$5}", "5", 1.0), ("\\boxed{0.5}", "50", 0.0),
-    ("\\boxed{3} no wait \\boxed{4}", "4", 1.0), ("\\boxed{4} no wait \\boxed{3}", "4", 0.0),
-    ("\\boxed{1/0}", "#### 1", 0.0), ("\\boxed{\\frac{1}{0}}", "0", 0.0),
-])
-def test_math_verifier_math_reward(completion, truth, expected):
-    assert math_reward(completion, truth) == expected
-
-
-# ---------------------------------------------------------------------------- hostile input
-@pytest.mark.parametrize("hostile", [
-    "{" * 10**6, "\\boxed{" * 100000, "9" * 100000, "\\boxed{" + "9" * 100000 + "}",
-    "\\boxed{" + "9" * 5000 + "}", "\\boxed{" + "{" * 60 + "1" + "}" * 60 + "}", "#### " + "9" * 5000,
-    "1/0", "\\boxed{1/0}", "\\frac{1}{0}", "\\boxed{\\frac{1}{0}}", "\\boxed{1e999999999}",
-    "the answer is " * 50000, "#### " + "1," * 50000, "\\frac" * 50000, "\\text{" * 50000,
-    "\\boxed{" + "1" * 900 + "." + "0" * 50000 + "}", "x=" * 100000, "\\boxed{__import__('os')}",
-    "\x00\x01", None, 12,
-])
-def test_math_verifier_hostile_input_scores_zero_fast(hostile):
-    t = time.time()
-    assert math_reward(hostile, "#### 1") == 0.0
-    assert math_reward("\\boxed{1}", hostile) == 0.0
-    if isinstance(hostile, str):
-        assert answers_match(hostile, hostile[:-1] + "1") in (True, False)
-        parse_number(normalize_answer(hostile))
-    assert time.time() - t < 1.0
-
-
-def test_math_verifier_hostile_truth_does_not_match_hostile_prediction():
-    huge = "9" * 100000
-    assert math_reward("\\boxed{" + huge + "}", huge) == 0.0       # too long to be an answer
-    assert math_reward("\\boxed{" + "9" * 1001 + "}", "9" * 1001) == 0.0  # over MAX_DIGITS
+from conftest import HERE, run_cli
 
 
 # ---------------------------------------------------------------------------- policy
@@ -468,44 +274,6 @@ def test_diverging_run_skips_non_finite_steps_then_stops(tmp_path):
 
 
 # ---------------------------------------------------------------------------- real data, resume, eval
-def write_jsonl(path, rows):
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def math_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("math")
-    gsm = [{"question": f"Tom has {a} pens and buys {b}. How many?", "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b:,}"}
-           for a in range(1, 9) for b in range(1, 6)]
-    math500 = [{"problem": f"Compute ${a}/{b}$.", "solution": f"It is $\\boxed{{\\frac{{{a}}}{{{b}}}}}$.", "answer": f"\\frac{{{a}}}{{{b}}}",
-                "subject": "Algebra", "level": 1, "unique_id": str(a)} for a in range(1, 6) for b in range(2, 6)]
-    openr1 = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {a} squared?"}],
-               "target": [{"role": "assistant", "content": f"{a}*{a}={a * a}. \\boxed{{{a * a}}}"}],
-               "reward_model": {"ground_truth": str(a * a), "style": "rule"}} for a in range(1, 21)]
-    return {"gsm8k": write_jsonl(d / "gsm8k.jsonl", gsm), "math500": write_jsonl(d / "math500.jsonl", math500),
-            "openr1": write_jsonl(d / "openr1.jsonl", openr1)}
-
-
-def test_math_tasks_load_from_local_files_in_each_schema(math_files):
-    for name, path in math_files.items():
-        splits = data.load_task(path, seed=0)
-        assert set(splits) == {"train", "val", "test"} and all(splits.values()), name
-        assert splits == data.load_task(path, seed=0)  # deterministic
-        train_q = {r["prompt"] for r in splits["train"]}
-        assert not train_q & {r["prompt"] for r in splits["test"]}
-        for r in splits["train"]:
-            assert "\\boxed{}" in r["prompt"] and r["demo"]
-            assert data.reward(r, r["demo"]) == 1.0, (name, r)  # every demonstration verifies
-    gsm = data.load_task(math_files["gsm8k"])["train"][0]
-    assert "<<" not in gsm["demo"] and "####" not in gsm["demo"] and "Be brief" not in data.load_task(math_files["openr1"])["train"][0]["prompt"]
-
-
-def test_hub_task_offline_says_how_to_use_a_local_file():
-    with pytest.raises(ValueError, match=r"--task path/to/gsm8k.jsonl"):
-        data.load_task("gsm8k")
-
-
 def test_chat_template_prompt_and_turn_end(tiny_path):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_path)

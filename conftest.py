@@ -1,0 +1,53 @@
+"""
+Shared test fixtures: a tiny Qwen2 saved with save_pretrained (loaded by path, through the
+same function a hub id takes), math datasets in the GSM8K, MATH-500 and OpenR1 schemas written
+as local files, and a helper that runs train.py as a user would. Everything is offline.
+"""
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import model as policy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=HERE)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    return policy.make_tiny_model(str(tmp_path_factory.mktemp("tiny")), n_layer=2, n_embd=32, n_head=2)
+
+
+@pytest.fixture(scope="session")
+def tiny64(tiny_path):
+    return policy.load_policy(tiny_path, dtype=torch.float64)
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def math_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("math")
+    gsm = [{"question": f"Tom has {a} pens and buys {b}. How many?", "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b:,}"}
+           for a in range(1, 9) for b in range(1, 6)]
+    math500 = [{"problem": f"Compute ${a}/{b}$.", "solution": f"It is $\\boxed{{\\frac{{{a}}}{{{b}}}}}$.", "answer": f"\\frac{{{a}}}{{{b}}}",
+                "subject": "Algebra", "level": 1, "unique_id": str(a)} for a in range(1, 6) for b in range(2, 6)]
+    openr1 = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {a} squared?"}],
+               "target": [{"role": "assistant", "content": f"{a}*{a}={a * a}. \\boxed{{{a * a}}}"}],
+               "reward_model": {"ground_truth": str(a * a), "style": "rule"}} for a in range(1, 21)]
+    return {"gsm8k": write_jsonl(d / "gsm8k.jsonl", gsm), "math500": write_jsonl(d / "math500.jsonl", math500),
+            "openr1": write_jsonl(d / "openr1.jsonl", openr1)}
