@@ -19,7 +19,7 @@ ground truth go through the same normalizer (LaTeX fractions, thousands commas, 
 There is deliberately no percent equivalence ("50" != "0.5"): an RL policy would learn to
 exploit it. Input length, brace nesting and digit counts are capped, so any input is fast.
 
-Run `python -m pytest test_amft.py -k verifier` for the tests of both.
+Run `python -m pytest test_tasks.py` for the tests of both.
 """
 import ast
 import re
