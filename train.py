@@ -151,9 +151,10 @@ def evaluate(model, tok, rows, cfg, eos, k=0):
     for i in range(0, len(rows), cfg.eval_batch):
         chunk = rows[i:i + cfg.eval_batch]
         prompts = [r["prompt"] for r in chunk]
-        hits += score(policy.sample(model, tok, prompts, 1, 1.0, cfg.max_new_tokens, True, eos)[4], chunk, 1).sum().item()
+        greedy = policy.sample(model, tok, prompts, 1, 1.0, cfg.max_new_tokens, True, eos, cfg.sampler)[4]
+        hits += score(greedy, chunk, 1).sum().item()
         if k:
-            texts = policy.sample(model, tok, prompts, k, cfg.temperature, cfg.max_new_tokens, False, eos)[4]
+            texts = policy.sample(model, tok, prompts, k, cfg.temperature, cfg.max_new_tokens, False, eos, cfg.sampler)[4]
             hits_k += (score(texts, chunk, k).max(1).values == 1).sum().item()
     model.train()
     n = max(len(rows), 1)
