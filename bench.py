@@ -135,7 +135,8 @@ def main(argv=None):
     lines = ["| what | value | vs baseline |", "|---|---|---|"]
     lines += [f"| {name}, B={B}, prompt {P}, {C} new | {ms:.2f} ms/step, {tps:,.0f} tok/s | {base / ms:.2f}x generate |"
               for name, ms, tps in rows]
-    lines.append(f"| train fwd+bwd, {N} x {T} tokens, grad ckpt | {tokens_s:,.0f} tok/s, {tflops:.2f} TFLOP/s, peak {peak:.1f} GiB | |")
+    memory = f", peak {peak:.1f} GiB" if cuda else ""
+    lines.append(f"| train fwd+bwd, {N} x {T} tokens, grad ckpt | {tokens_s:,.0f} tok/s, {tflops:.2f} TFLOP/s{memory} | |")
     ref = steps["fixed-mix"]
     lines += [f"| step: {k}, B={sB} x G={sG} x {sC} new | {v:.3f} s | {v / ref:.2f}x fixed-mix |" for k, v in steps.items()]
     try:
