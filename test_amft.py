@@ -241,6 +241,14 @@ def test_off_policy_losses():
     torch.testing.assert_close(logp2.grad, torch.full((1, 2), -1.0))
 
 
+def test_help_lists_every_flag():
+    import train
+    res = run_cli("--help")
+    assert res.returncode == 0, res.stderr[-2000:]
+    for f in train.Config.__dataclass_fields__:
+        assert "--" + f.replace("_", "-") in res.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "/no/such/model"], "cannot load model"),
     (["--mu-min", "0.9", "--mu-max", "0.1"], "mu bounds"),

@@ -416,11 +416,12 @@ def parse_args(argv=None) -> Config:
                                     argument_default=None if defaults else argparse.SUPPRESS)
         for f in dataclasses.fields(Config):
             flag, default = "--" + f.name.replace("_", "-"), (f.default if defaults else argparse.SUPPRESS)
+            text = f.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
             if f.type in (bool, "bool"):
-                p.add_argument(flag, action="store_true", default=default, help=f.metadata["help"])
+                p.add_argument(flag, action="store_true", default=default, help=text)
             else:
                 kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                p.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']} (default: {f.default})")
+                p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {f.default})")
         return p
     cfg = Config(**vars(parser(True).parse_args(argv)))
     if cfg.resume:
