@@ -2,7 +2,7 @@
 Train a causal LM with AMFT (or a baseline) and evaluate it. One linear loop, no Trainer.
 
     python train.py                          # tiny Qwen2 on General Points, CPU, minutes
-    python train.py --method sft             # a baseline: sft | grpo | fixed-mix | amft
+    python train.py --method sft             # a baseline (see --help for all nine methods)
     python train.py --model Qwen2.5-0.5B --task gsm8k --lr 1e-6 --dtype bfloat16   # real model
     python train.py --resume runs/amft-...   # continue a stopped run exactly
     python train.py --eval-only --model runs/amft-.../model --pass-k 8
