@@ -81,9 +81,7 @@ def reshuffle(row: dict, rng: random.Random) -> dict:
         return row
     cards = list(row["cards"])
     rng.shuffle(cards)
-    values = [card_value(c, row["rule"]) for c in cards]
-    return dict(row, cards=cards, values=values, prompt=make_prompt(cards, row["target"], row["rule"]),
-                demo=solve(values, row["target"]))
+    return _row(cards, row["target"], row["rule"])[0]  # a hand solvable in one order is in all
 
 
 # ---------------------------------------------------------------------------- splits

@@ -259,8 +259,9 @@ def main(cfg: Config):
         raise UsageError(str(e)) from None
     chat = policy.use_chat(tok, cfg.model, cfg.chat)
     eos, end = policy.eos_ids(tok, model, chat), policy.end_id(tok, chat)
-    for rows in splits.values():
-        for r in rows:
+    splits["val"] = splits["val"] or [dict(r) for r in splits["train"]]  # a small hand file may leave none
+    for name, rows in splits.items():  # training rows are formatted as they are drawn (reshuffled)
+        for r in rows if name != "train" else []:
             r["prompt"] = policy.format_prompt(tok, r["prompt"], chat)
     # only now, with every input checked, do we create the output folder
     out = cfg.resume or cfg.out or os.path.join("runs", f"{'eval' if cfg.eval_only else cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -288,7 +289,7 @@ def main(cfg: Config):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     alpha = cfg.meta_alpha or cfg.lr
-    train_rows, val_rows = splits["train"], splits["val"] or splits["train"]
+    train_rows, val_rows = splits["train"], splits["val"]
     ref_model = None
     # everything the loop carries from step to step: what a checkpoint must hold
     state = {"step": 0, "mu": cfg.mu0 if cfg.method in AMFT + ("fixed-mix",) else None, "meta_v": 0.0, "meta_n": 0,
@@ -314,6 +315,7 @@ def main(cfg: Config):
         if len(state["order"]) < cfg.batch_size:  # epochs over the training rows, reshuffled
             state["order"] += random.sample(range(len(train_rows)), len(train_rows))
         rows = [data.reshuffle(train_rows[state["order"].pop()], random) for _ in range(cfg.batch_size)]
+        rows = [dict(r, prompt=policy.format_prompt(tok, r["prompt"], chat)) for r in rows]
         warm = cfg.method in WARM and step < cfg.warmup
         use_rl = cfg.method != "sft" and not warm
         use_sft = cfg.method not in ("grpo", "luffy") and (warm or cfg.method != "sft-grpo")
@@ -321,7 +323,9 @@ def main(cfg: Config):
         m = {"step": step, "phase": "warmup" if warm else "main", "mu": mu, "entropy": None,
              "H_target": state["H_target"], "reward_mean": None, "reward_std": None, "sft_loss": None,
              "rl_loss": None, "meta_grad": None, "frac_zero_std": None}
-        demo_batch = policy.sft_batch(tok, [r["prompt"] for r in rows], [r["demo"] for r in rows], end, device)
+        needs_demos = use_sft or (use_rl and cfg.method in DEMO_IN_GROUP)
+        if needs_demos:
+            demo_batch = policy.sft_batch(tok, [r["prompt"] for r in rows], [r["demo"] for r in rows], end, device)
         # --------------------------------------------------------------- SFT gradient
         g_sft, g_rl, losses = {}, {}, []
         if use_sft:
@@ -375,13 +379,12 @@ def main(cfg: Config):
             m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip).item()
             opt.step()
         # --------------------------------------------------------------- log and save
-        n_demos = cfg.batch_size if use_sft or (use_rl and cfg.method in DEMO_IN_GROUP) else 0
-        n_samples = n_demos + (cfg.batch_size * cfg.group_size if use_rl else 0)  # demonstrations + rollouts
+        n_samples = (cfg.batch_size if needs_demos else 0) + (cfg.batch_size * cfg.group_size if use_rl else 0)  # demonstrations + rollouts
         state["samples_seen"] += n_samples
         state["step"] = step + 1
         m["samples_per_s"], m["samples_seen"] = n_samples / (time.time() - t0), state["samples_seen"]
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:  # not counted in samples_per_s
-            m["val_accuracy"] = evaluate(model, tok, splits["val"] or val_rows, cfg, eos)[0]
+            m["val_accuracy"] = evaluate(model, tok, val_rows, cfg, eos)[0]
         log.write(json.dumps(m) + "\n")
         log.flush()
         pbar.set_postfix({k: f"{v:.3f}" for k, v in [("mu", m["mu"]), ("reward", m["reward_mean"]),
