@@ -1,5 +1,5 @@
 """
-The evidence: every method of AMFT-SPEC.md x several seeds on the built-in General Points
+The evidence: every method of amft.py (METHODS) x several seeds on the built-in General Points
 task, at equal budgets (same model, same steps x prompts per step, so every method sees the
 same training hands the same number of times), then a Markdown table and plots.
 
@@ -12,7 +12,6 @@ Writes to --out (default runs/compare-<time>): one train.py run folder per metho
 results.md (ID/OOD accuracy mean +- std over seeds, samples, wall time) and, when
 matplotlib is installed, comparison.png: mu over steps for amft and its ablations, entropy
 against its target, and validation accuracy against samples seen for every method.
-`plot_run` draws one run's mu, entropy and reward; train.py calls it at the end of a run.
 """
 import argparse
 import json
@@ -20,53 +19,9 @@ import os
 import statistics
 import time
 
+import amft
+import plots
 import train
-
-
-def load_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def _pyplot():
-    """matplotlib.pyplot without a display, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_run(run_dir):
-    """run_dir/curves.png: mu (and w_SFT), entropy against its target, and mean reward per step."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    m = load_metrics(run_dir)
-    steps = [x["step"] for x in m]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(steps, [x["w_sft"] for x in m], label="w_SFT (weight on imitation)")
-    if any(x["mu"] is not None for x in m):
-        axes[0].plot(steps, [x["mu"] for x in m], "--", label="mu")
-    axes[0].set(xlabel="step", ylabel="weight", ylim=(0, 1.05), title="imitation weight")
-    axes[1].plot(steps, [x["entropy"] for x in m], label="entropy H_t")
-    if any(x["H_target"] is not None for x in m):
-        axes[1].plot(steps, [x["H_target"] for x in m], "--", label="target H*")
-    axes[1].set(xlabel="step", ylabel="nats", title="rollout token entropy")
-    axes[2].plot(steps, [x["reward_mean"] for x in m], label="train reward (rollouts)")
-    val = [(x["step"], x["val_accuracy"]) for x in m if "val_accuracy" in x]
-    if val:
-        axes[2].plot(*zip(*val), "o-", label="val greedy accuracy")
-    axes[2].set(xlabel="step", ylim=(0, 1.05), title="reward")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(run_dir, "curves.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 def mean_std(xs):
@@ -90,44 +45,9 @@ def table(results, settings: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_comparison(results, path):
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    for method in [m for m in train.AMFT if m in results]:
-        for i, r in enumerate(results[method]):
-            m = r["metrics"]
-            axes[0].plot([x["step"] for x in m], [x["mu"] for x in m], color=f"C{train.AMFT.index(method)}",
-                         alpha=0.8, label=method if i == 0 else None)
-            main = [x for x in m if x["entropy"] is not None]
-            axes[1].plot([x["step"] for x in main], [x["entropy"] for x in main], color=f"C{train.AMFT.index(method)}",
-                         alpha=0.6, label=f"{method} H_t" if i == 0 else None)
-            if main and main[0]["H_target"] is not None:
-                axes[1].plot([x["step"] for x in main], [x["H_target"] for x in main], "--", color=f"C{train.AMFT.index(method)}",
-                             alpha=0.6, label=f"{method} H*" if i == 0 else None)
-    axes[0].set(xlabel="step", ylabel="mu", ylim=(0, 1), title="mu (weight on SFT), each seed")
-    axes[1].set(xlabel="step", ylabel="nats", title="rollout entropy against its target")
-    for j, (method, runs) in enumerate(results.items()):
-        curves = [[(x["samples_seen"], x["val_accuracy"]) for x in r["metrics"] if "val_accuracy" in x] for r in runs]
-        n = min(len(c) for c in curves)
-        if n:
-            xs = [curves[0][k][0] for k in range(n)]
-            axes[2].plot(xs, [statistics.mean(c[k][1] for c in curves) for k in range(n)], "o-", ms=3,
-                         color=f"C{j % 10}", label=method)
-    axes[2].set(xlabel="training samples seen (demos + rollouts)", ylabel="greedy accuracy", xscale="log",
-                ylim=(0, 1), title="validation accuracy, mean over seeds")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(train.METHODS), help="comma-separated (default: all)")
+    p.add_argument("--methods", default=",".join(amft.METHODS), help="comma-separated (default: all)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick: 2)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default 300; --quick: 120)")
     p.add_argument("--warmup", type=int, default=None, help="SFT warm-up steps (default 100; --quick: 40)")
@@ -142,9 +62,9 @@ def main(argv=None):
     warmup = a.warmup if a.warmup is not None else (40 if a.quick else 100)
     eval_every = a.eval_every or max(1, steps // 10)
     methods = a.methods.split(",")
-    unknown = [m for m in methods if m not in train.METHODS]
+    unknown = [m for m in methods if m not in amft.METHODS]
     if unknown or seeds < 1 or steps < 1:
-        raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(train.METHODS)}" if unknown
+        raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(amft.METHODS)}" if unknown
                          else "error: --seeds and --steps must be >= 1")
     out = a.out or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
@@ -158,13 +78,13 @@ def main(argv=None):
                 train.main(train.Config(method=method, seed=seed, steps=steps, warmup=warmup, batch_size=a.batch_size,
                                         group_size=a.group_size, eval_every=eval_every, save_every=0, out=run))
             with open(os.path.join(run, "summary.json")) as f:
-                results.setdefault(method, []).append({"summary": json.load(f), "metrics": load_metrics(run)})
+                results.setdefault(method, []).append({"summary": json.load(f), "metrics": plots.load_metrics(run)})
     settings = (f"`python compare.py{' --quick' if a.quick else ''}`: {len(methods)} methods x {seeds} seeds, {steps} steps "
                 f"({warmup} SFT warm-up for amft*, fixed-mix, sft-grpo), B={a.batch_size}, G={a.group_size}; "
                 f"total {time.time() - t0:.0f} s")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table(results, settings))
-    figure = plot_comparison(results, os.path.join(out, "comparison.png"))
+    figure = plots.plot_comparison(results, os.path.join(out, "comparison.png"))
     print(table(results, settings))
     print(f"results in {out}/results.md" + (f" and {figure}" if figure else " (install matplotlib for plots)"))
     return results

@@ -15,8 +15,8 @@ Log-probs (one function for policy, old and reference):
 import copy
 import inspect
 import os
-import random
-import shutil
+import tempfile
+from typing import NamedTuple
 
 import torch
 
@@ -43,8 +43,9 @@ def make_tiny_model(path: str, n_layer=4, n_embd=128, n_head=4, max_len=128, see
     config = Qwen2Config(vocab_size=vocab_size or len(vocab), hidden_size=n_embd, intermediate_size=n_inner or 4 * n_embd,
                          num_hidden_layers=n_layer, num_attention_heads=n_head,
                          num_key_value_heads=n_kv_head or n_head, max_position_embeddings=max_len,
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    # no pad_token_id in the model's config: it would make <pad> the embedding's padding_idx, whose
+    # row gets no gradient from the input side, yet the policy can sample <pad> like any token
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -53,11 +54,19 @@ def make_tiny_model(path: str, n_layer=4, n_embd=128, n_head=4, max_len=128, see
     return path
 
 
-def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, grad_ckpt=False):
-    """(model, tokenizer) from a hub id, an alias or a local folder, optionally wrapped in LoRA
-    adapters (peft) and with gradient checkpointing. Raises ValueError with a one-line
-    message when the model cannot be found or loaded."""
+BUILT_IN = {"tiny": {}, "random-0.5b": QWEN_0_5B}  # built from a config with random weights (seeded)
+
+
+def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, grad_ckpt=False, seed=0):
+    """(model, tokenizer) from a hub id, an alias, a local folder, or a built-in name ('tiny',
+    'random-0.5b': written by make_tiny_model to a temporary folder, loaded from it the same way,
+    and the folder removed), optionally wrapped in LoRA adapters (peft) and with gradient
+    checkpointing. Raises ValueError with a one-line message when the model cannot be loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name_or_path in BUILT_IN:
+        with tempfile.TemporaryDirectory(prefix="amft-tiny-") as tmp:
+            make_tiny_model(tmp, seed=seed, **BUILT_IN[name_or_path])
+            return load_policy(tmp, dtype, device, lora_r, grad_ckpt)
     name = ALIASES.get(name_or_path, name_or_path)
     if lora_r and os.path.isfile(os.path.join(name, "adapter_config.json")):
         raise ValueError("resuming a LoRA run is not supported yet; start again from its merged model/ folder")
@@ -73,6 +82,9 @@ def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, 
     if tok.pad_token is None:  # Qwen base and many others: pad with EOS, masks never read pad
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # prompts end at the same column, so completions start together
+    embed = model.get_input_embeddings()
+    if getattr(embed, "padding_idx", None) is not None:
+        embed.padding_idx = None  # pad can be sampled: its embedding row must get its gradient too
     if lora_r:
         try:
             import peft
@@ -91,40 +103,6 @@ def frozen_copy(model):
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
-
-
-# ---------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, model, tok, opt, state: dict, ref_model=None):
-    """Model + tokenizer (save_pretrained), optimizer, the loop's state and every RNG state.
-    Written to path.tmp first and swapped in, so a crash never leaves half a checkpoint."""
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({"optimizer": opt.state_dict(), "state": state, "rng": rng,
-                "ref": ref_model.state_dict() if ref_model is not None else None}, os.path.join(tmp, "trainer_state.pt"))
-    if os.path.isdir(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(path, model, opt):
-    """Restore the optimizer and RNG states (the weights were loaded from `path` with the
-    model); returns the loop's state and the reference policy, if the run had one."""
-    saved = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    opt.load_state_dict(saved["optimizer"])
-    ref_model = None
-    if saved["ref"] is not None:
-        ref_model = frozen_copy(model)
-        ref_model.load_state_dict(saved["ref"])
-    random.setstate(saved["rng"]["python"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return saved["state"], ref_model
 
 
 def _norms_in_float64(model):
@@ -182,13 +160,28 @@ def completion_mask(completions: torch.Tensor, eos: list) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- sampling
+class Rollout(NamedTuple):
+    """G completions per prompt, rows in prompt-major order (prompt b's are rows b*G .. b*G+G-1)."""
+    prompt_ids: torch.Tensor    # (B*G, P) left-padded
+    prompt_mask: torch.Tensor   # (B*G, P)
+    completions: torch.Tensor   # (B*G, C)
+    mask: torch.Tensor          # (B*G, C) 1 up to and including the first EOS
+    texts: list                 # (B*G,) decoded completions, up to the first EOS
+
+    @property
+    def ids(self):              # (B*G, P+C) prompt and completion, as the log-probs read them
+        return torch.cat([self.prompt_ids, self.completions], 1)
+
+    @property
+    def attn(self):             # (B*G, P+C)
+        return torch.cat([self.prompt_mask, self.mask.long()], 1)
+
+
 @torch.no_grad()
-def sample(model, tok, prompts: list, G: int, temperature: float, max_new_tokens: int,
-           greedy: bool = False, eos=None, sampler: str = "generate"):
-    """G completions per prompt. Returns prompt_ids (B*G, P), prompt_mask (B*G, P),
-    completions (B*G, C), completion mask (B*G, C), texts (B*G,), rows in prompt-major
-    order: prompt b's samples are rows b*G .. b*G+G-1. sampler: 'generate' (transformers),
-    'loop' (decode_loop below) or 'compiled' (decode_loop, static cache, torch.compile)."""
+def sample(model, tok, prompts: list, G: int, temperature: float = 1.0, max_new_tokens: int = 16,
+           greedy: bool = False, eos=None, sampler: str = "generate") -> Rollout:
+    """G completions per prompt. sampler: 'generate' (transformers), 'loop' (decode_loop below)
+    or 'compiled' (decode_loop, static cache, torch.compile)."""
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     ids = enc.input_ids.repeat_interleave(G, 0).to(device)           # (B*G, P)
@@ -206,7 +199,7 @@ def sample(model, tok, prompts: list, G: int, temperature: float, max_new_tokens
     lengths = mask.sum(1).long().tolist()
     texts = tok.batch_decode([c[:n] for c, n in zip(completions.tolist(), lengths)],
                              skip_special_tokens=True)
-    return ids, attn, completions, mask, texts
+    return Rollout(ids, attn, completions, mask, texts)
 
 
 _compiled_steps = {}
@@ -255,13 +248,13 @@ def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=
 
 
 # ---------------------------------------------------------------------------- log-probs
-def token_logprobs(model, ids, attn, temperature: float = 1.0, with_entropy: bool = False,
-                   params=None, n_last=None):
+def token_logprobs(model, ids, attn, temperature: float = 1.0, n_last=None, params=None, with_entropy=False):
     """Log-probs of the last n_last tokens of each row given their prefix, (N, n_last), in
-    float32 (float64 for a float64 model), and the entropy of each of those next-token
-    distributions if asked. Only n_last + 1 positions of logits are computed (the prompt's are
-    never materialised). `params` evaluates the model at other weights through
-    torch.func.functional_call, as the meta-gradient's look-ahead needs."""
+    float32 (float64 for a float64 model); with_entropy=True returns (logp, entropy), the
+    entropy of each of those next-token distributions, without an autograd graph (it is only
+    ever a metric or a stop-gradient weight). Only n_last + 1 positions of logits are computed
+    (the prompt's are never materialised). `params` evaluates the model at other weights
+    through torch.func.functional_call, as the meta-gradient's look-ahead needs."""
     n = ids.shape[1] - 1 if n_last is None else n_last
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate()
     inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=n + 1)
@@ -273,15 +266,21 @@ def token_logprobs(model, ids, attn, temperature: float = 1.0, with_entropy: boo
     lse = torch.logsumexp(z, -1)                                        # (N, n)
     logp = z.gather(-1, ids[:, -n:, None]).squeeze(-1) - lse           # (N, n)
     if not with_entropy:
-        return logp, None
-    entropy = lse - (torch.softmax(z, -1) * z).sum(-1)                 # (N, n)
+        return logp
+    with torch.no_grad():
+        entropy = lse - (torch.softmax(z, -1) * z).sum(-1)             # (N, n)
     return logp, entropy
 
 
-def sft_batch(tok, prompts: list, demos: list, end: int, device):
-    """Prompt + demonstration + end token per row, left-padded. Returns ids (B, T), attn (B, T)
-    and the loss mask (B, D) over the last D = longest demonstration positions, aligned with
-    token_logprobs(..., n_last=D): 1 on demonstration tokens and the end token."""
+class DemoBatch(NamedTuple):
+    ids: torch.Tensor    # (B, T) prompt + demonstration + end token, left-padded
+    attn: torch.Tensor   # (B, T)
+    mask: torch.Tensor   # (B, D) 1 on demonstration tokens and the end token, over the last D positions
+
+
+def sft_batch(tok, prompts: list, demos: list, end: int, device) -> DemoBatch:
+    """Prompt + demonstration + end token per row, left-padded, with the loss mask over the last
+    D = longest demonstration positions, aligned with token_logprobs(..., n_last=D)."""
     rows, n_demo = [], []
     for p, d in zip(prompts, demos):
         d_ids = tok(d, add_special_tokens=False).input_ids + [end]
@@ -294,4 +293,4 @@ def sft_batch(tok, prompts: list, demos: list, end: int, device):
     for b, (r, n) in enumerate(zip(rows, n_demo)):
         ids[b, T - len(r):], attn[b, T - len(r):] = torch.tensor(r), 1
         loss_mask[b, D - n:] = 1
-    return ids.to(device), attn.to(device), loss_mask.to(device)
+    return DemoBatch(ids.to(device), attn.to(device), loss_mask.to(device))

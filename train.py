@@ -8,23 +8,31 @@ Train a causal LM with AMFT (or a baseline) and evaluate it. One linear loop, no
     python train.py --eval-only --model runs/amft-.../model --pass-k 8
     python train.py --help                   # every flag, generated from Config below
 
-Each step (after an SFT-only warm-up of --warmup steps):
+Each step, in the loop's order (after an SFT-only warm-up of --warmup steps):
+    demonstrations -> g_SFT = grad L_SFT
     sample G completions per prompt -> reward -> group advantages -> g_RL = grad L_RL
-    demonstrations -> g_SFT = grad L_SFT -> mu update (entropy term; meta-gradient every K)
-    -> parameters step on (1 - mu) g_RL + mu g_SFT -> log
-Outputs go to --out (default runs/<method>-<time>): metrics.jsonl (one line per step),
-summary.json (accuracy before and after), model/ (save_pretrained), checkpoint/ (resumable).
+    mu update (entropy term every step; meta-gradient dU/dmu every K steps)
+    -> parameters step on (1 - mu) g_RL + mu g_SFT -> log, evaluate, checkpoint
+A method (amft.METHODS) is a record of switches: which of these parts run, and how the two
+gradients are weighed. The algorithm itself is in amft.py.
+
+Outputs go to --out (default runs/<method>-<time>): config.json, metrics.jsonl (one line per
+step), summary.json (accuracy before and after), model/ (save_pretrained), checkpoint/
+(resumable), curves.png (with matplotlib).
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import pickle
 import random
+import shutil
 import signal
 import sys
-import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -33,11 +41,7 @@ from tqdm import tqdm
 import amft
 import data
 import model as policy
-
-METHODS = ("amft", "amft-no-meta", "amft-no-entropy", "fixed-mix", "sft", "grpo", "sft-grpo", "srft", "luffy")
-AMFT = ("amft", "amft-no-meta", "amft-no-entropy")   # the methods with a mu controller
-WARM = AMFT + ("fixed-mix", "sft-grpo")              # the methods that start with SFT-only steps
-DEMO_IN_GROUP = ("srft", "luffy")                    # a demonstration joins each GRPO group
+import plots
 
 
 def arg(default, help):
@@ -48,7 +52,7 @@ def arg(default, help):
 class Config:
     # what to train
     model: str = arg("tiny", "'tiny' (a small Qwen2 built from a config), 'random-0.5b' (Qwen2.5-0.5B's shape, random), a hub id, an alias like Qwen2.5-0.5B, or a folder")
-    method: str = arg("amft", f"one of {', '.join(METHODS)}")
+    method: str = arg("amft", f"one of {', '.join(amft.METHODS)}")
     task: str = arg("general-points", "general-points | gsm8k | math500 | openr1 | a .jsonl/.json/.parquet file (see data.py)")
     cards: int = arg(3, "General Points: cards per hand (the paper's variant: 4)")
     target: int = arg(10, "General Points: the value the formula must reach (the paper's: 24)")
@@ -64,7 +68,7 @@ class Config:
     lr: float = arg(1e-3, "AdamW learning rate (the paper's 1e-6 is for a 7B model)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the mixed gradient to this norm")
-    micro_batch: int = arg(0, "sequences per forward/backward pass (gradients accumulate); 0 = all at once")
+    micro_batch: int = arg(0, "sequences per forward/backward pass (gradients accumulate; the meta-gradient's too); 0 = all at once")
     grad_ckpt: bool = arg(False, "gradient checkpointing: less memory, ~30% more compute")
     lora_r: int = arg(0, "LoRA rank through peft (pip install peft); 0 = full fine-tuning")
     # GRPO
@@ -78,10 +82,10 @@ class Config:
     eta_meta: float = arg(0.05, "meta step, in units of mu (dU/dmu is divided by its running RMS)")
     eta_H: float = arg(0.01, "entropy step: mu += eta_H * (H_target - H)")
     meta_every: int = arg(10, "K: steps between meta-gradients")
-    meta_grad: str = arg("first-order", "first-order | autograd | fd")
+    meta_grad: str = arg("first-order", "first-order | autograd | fd (not in bfloat16)")
     meta_alpha: float = arg(0.0, "look-ahead step alpha; 0 = use --lr")
     val_prompts: int = arg(8, "validation prompts (x G samples) per meta-gradient")
-    H_target: float = arg(float("nan"), "target entropy in nats; nan = measure at the end of warm-up")
+    H_target: float = arg(float("nan"), "target entropy in nats; nan = measure on the first step after warm-up")
     # run
     eval_every: int = arg(50, "steps between greedy accuracy checks on the validation split")
     eval_batch: int = arg(64, "prompts per generate call when evaluating")
@@ -89,7 +93,7 @@ class Config:
     pass_k: int = arg(0, "also report pass@k from k samples per test prompt at --temperature; 0 = off")
     save_every: int = arg(200, "steps between checkpoints (one is always written at the end); 0 = end only")
     max_bad_steps: int = arg(10, "stop after this many non-finite losses in a row")
-    seed: int = arg(0, "random seed (model init, data order, sampling)")
+    seed: int = arg(0, "random seed: model init, and separate streams for data order, validation prompts, sampling")
     dtype: str = arg("float32", "float32 | bfloat16 | float64")
     device: str = arg("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
     out: str = arg("", "output folder (default: runs/<method>-<time>); must be new or empty")
@@ -109,17 +113,22 @@ class TrainingError(RuntimeError):
 def check(cfg: Config):
     """Reject impossible settings before anything is loaded or written."""
     rules = [
-        (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}"),
-        (cfg.meta_grad in ("first-order", "autograd", "fd"), "--meta-grad must be first-order, autograd or fd"),
+        (cfg.method in amft.METHODS, f"--method must be one of {', '.join(amft.METHODS)}"),
+        (cfg.meta_grad in amft.META_GRADS, f"--meta-grad must be one of {', '.join(amft.META_GRADS)}"),
         (cfg.dtype in ("float32", "bfloat16", "float64"), "--dtype must be float32, bfloat16 or float64"),
+        (not (cfg.meta_grad == "fd" and cfg.dtype == "bfloat16"), "--meta-grad fd is refused in bfloat16: no finite-difference "
+         "step is both above bfloat16's round-off and small enough to be accurate (20%+ error); use autograd or first-order"),
         (cfg.chat in ("auto", "on", "off"), "--chat must be auto, on or off"),
         (cfg.sampler in ("generate", "loop", "compiled"), "--sampler must be generate, loop or compiled"),
         (0 <= cfg.mu_min <= cfg.mu_max <= 1, "mu bounds must satisfy 0 <= --mu-min <= --mu-max <= 1"),
         (0 <= cfg.mu0 <= 1, "--mu0 must be in [0, 1]"),
+        (cfg.eta_meta >= 0 and cfg.eta_H >= 0 and cfg.meta_alpha >= 0,
+         "--eta-meta, --eta-H and --meta-alpha must be >= 0 (the signs are fixed by the algorithm)"),
         (cfg.group_size >= 2, "--group-size (G) must be at least 2: advantages compare samples of one prompt"),
         (cfg.steps >= 1 and cfg.batch_size >= 1 and cfg.max_new_tokens >= 0, "--steps and --batch-size must be >= 1"),
         (min(cfg.warmup, cfg.micro_batch, cfg.pass_k, cfg.save_every, cfg.lora_r) >= 0, "counts must be >= 0"),
-        (min(cfg.meta_every, cfg.eval_every, cfg.val_prompts, cfg.eval_batch) >= 1, "--meta-every, --eval-every, --val-prompts, --eval-batch must be >= 1"),
+        (min(cfg.meta_every, cfg.eval_every, cfg.val_prompts, cfg.eval_batch, cfg.max_bad_steps) >= 1,
+         "--meta-every, --eval-every, --val-prompts, --eval-batch, --max-bad-steps must be >= 1"),
         (cfg.temperature > 0 and cfg.lr > 0, "--temperature and --lr must be > 0"),
         (1 <= cfg.cards <= 5, "--cards must be between 1 and 5"),
     ]
@@ -142,6 +151,15 @@ def score(texts, rows, G):
     return torch.tensor([data.reward(rows[i // G], t) for i, t in enumerate(texts)]).view(len(rows), G)
 
 
+def rollouts(model, tok, rows, cfg, eos):
+    """G samples per row from the policy, and their rewards (B, G)."""
+    model.eval()
+    roll = policy.sample(model, tok, [r["prompt"] for r in rows], G=cfg.group_size, temperature=cfg.temperature,
+                         max_new_tokens=cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
+    model.train()
+    return roll, score(roll.texts, rows, cfg.group_size)
+
+
 @torch.no_grad()
 def evaluate(model, tok, rows, cfg, eos, k=0):
     """Greedy pass@1 (and pass@k from k samples at --temperature): the fraction of rows whose
@@ -151,81 +169,86 @@ def evaluate(model, tok, rows, cfg, eos, k=0):
     for i in range(0, len(rows), cfg.eval_batch):
         chunk = rows[i:i + cfg.eval_batch]
         prompts = [r["prompt"] for r in chunk]
-        greedy = policy.sample(model, tok, prompts, 1, 1.0, cfg.max_new_tokens, True, eos, cfg.sampler)[4]
-        hits += score(greedy, chunk, 1).sum().item()
+        greedy = policy.sample(model, tok, prompts, G=1, max_new_tokens=cfg.max_new_tokens, greedy=True,
+                               eos=eos, sampler=cfg.sampler)
+        hits += score(greedy.texts, chunk, 1).sum().item()
         if k:
-            texts = policy.sample(model, tok, prompts, k, cfg.temperature, cfg.max_new_tokens, False, eos, cfg.sampler)[4]
-            hits_k += (score(texts, chunk, k).max(1).values == 1).sum().item()
+            drawn = policy.sample(model, tok, prompts, G=k, temperature=cfg.temperature,
+                                  max_new_tokens=cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
+            hits_k += (score(drawn.texts, chunk, k).max(1).values == 1).sum().item()
     model.train()
     n = max(len(rows), 1)
     return hits / n, (hits_k / n if k else None)
 
 
-def sft_backward(model, ids, attn, lmask, micro):
-    """Accumulate grad L_SFT in micro-batches; returns the loss."""
-    total, denom = 0.0, lmask.sum()
-    for sl in slices(len(ids), micro):
-        logp = policy.token_logprobs(model, ids[sl], attn[sl], n_last=lmask.shape[1])[0]
-        loss = amft.sft_loss(logp, lmask[sl], denom)
-        loss.backward()
-        total += loss.item()
-    return total
+def take_grads(params: dict) -> dict:
+    """The gradients now in p.grad, handed over (not copied); p.grad is left empty."""
+    grads = {}
+    for n, p in params.items():
+        if p.grad is not None:
+            grads[n], p.grad = p.grad, None
+    return grads
 
 
-def rl_backward(model, ref_model, full, fattn, cmask, A, cfg, demos=None):
-    """Accumulate grad L_RL in micro-batches; returns the loss, the rollouts' mean token
-    entropy (free: from the same logits) and summed metrics. demos = (ids, attn, mask, A) adds
-    the off-policy demonstrations of srft/luffy to the token-level mean."""
-    C = cmask.shape[1]
-    total, H_sum, metrics = 0.0, 0.0, {}
-    denom = cmask.sum() + (demos[2].sum() if demos else 0)
-    for sl in slices(len(full), cfg.micro_batch):
-        logp, ent = policy.token_logprobs(model, full[sl], fattn[sl], cfg.temperature, True, n_last=C)
+def sft_backward(model, demos, micro):
+    """Accumulate grad L_SFT over micro-batches; returns the loss."""
+    denom, D = demos.mask.sum(), demos.mask.shape[1]
+
+    def loss_of(sl):
+        logp = policy.token_logprobs(model, demos.ids[sl], demos.attn[sl], n_last=D)
+        return amft.sft_loss(logp, demos.mask[sl], denom), {}
+    return amft.accumulate(loss_of, slices(len(demos.ids), micro))["loss"]
+
+
+def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo=None):
+    """Accumulate grad L_RL over micro-batches. Returns {loss, entropy (the rollouts' mean token
+    entropy, free from the same logits), clip_frac, kl}. With demos (srft, luffy) the
+    demonstrations are off-policy members of their groups, inside the same token-level mean."""
+    ids, attn, mask, C = roll.ids, roll.attn, roll.mask, roll.mask.shape[1]
+    n_tokens = mask.sum()
+    denom = n_tokens + (demos.mask.sum() if demos is not None else 0)
+
+    def rollout_loss(sl):
+        logp, entropy = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=C, with_entropy=True)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad():
-                ref_logp = policy.token_logprobs(ref_model, full[sl], fattn[sl], cfg.temperature, n_last=C)[0]
-        loss, chunk_metrics = amft.grpo_loss(logp, logp.detach(), A[sl], cmask[sl], cfg.eps_low, cfg.eps_high,
-                                             cfg.beta, ref_logp, denom)
-        loss.backward()
-        total += loss.item()
-        H_sum += (ent.detach() * cmask[sl]).sum().item()
-        for k, v in chunk_metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + v
-    if demos:
-        ids, attn, dmask, A_demo = demos
-        for sl in slices(len(ids), cfg.micro_batch):
-            logp = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=dmask.shape[1])[0]
-            loss = amft.off_policy_loss(logp, A_demo[sl], dmask[sl], shaping=cfg.method == "luffy", denom=denom)
-            loss.backward()
-            total += loss.item()
-    return total, H_sum / cmask.sum().item(), metrics
+                ref_logp = policy.token_logprobs(ref_model, ids[sl], attn[sl], cfg.temperature, n_last=C)
+        loss, metrics = amft.grpo_loss(logp, logp.detach(), A[sl], mask[sl], cfg.eps_low, cfg.eps_high, cfg.beta,
+                                       ref_logp, denom=denom, n_tokens=n_tokens)
+        return loss, dict(metrics, entropy=(entropy * mask[sl]).sum() / n_tokens)
+
+    def demo_loss(sl):
+        logp = policy.token_logprobs(model, demos.ids[sl], demos.attn[sl], cfg.temperature, n_last=demos.mask.shape[1])
+        return amft.off_policy_loss(logp, A_demo[sl], demos.mask[sl], shaping=shaped, denom=denom), {}
+
+    out = amft.accumulate(rollout_loss, slices(len(ids), cfg.micro_batch))
+    if demos is not None:
+        out["loss"] += amft.accumulate(demo_loss, slices(len(demos.ids), cfg.micro_batch))["loss"]
+    return out
 
 
-def rollouts(model, tok, rows, cfg, eos):
-    """G samples per row -> (prompt+completion ids, attention, completion mask, rewards (B, G))."""
-    model.eval()
-    ids, attn, comp, cmask, texts = policy.sample(model, tok, [r["prompt"] for r in rows], cfg.group_size,
-                                                  cfg.temperature, cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
-    model.train()
-    return torch.cat([ids, comp], 1), torch.cat([attn, cmask.long()], 1), cmask, score(texts, rows, cfg.group_size)
+def meta_gradient(model, tok, rows, params, g_rl, g_sft, mu, alpha, cfg, eos):
+    """dU/dmu on fresh validation rollouts from pi_theta, by the estimator --meta-grad, in
+    micro-batches of --micro-batch sequences. Returns dU/dmu and the validation reward."""
+    roll, r = rollouts(model, tok, rows, cfg, eos)
+    A = amft.group_advantages(r)[0].flatten()                                  # (B_val * G,)
+    ids, attn, mask, N = roll.ids, roll.attn, roll.mask, len(roll.texts)
+
+    def U(theta, sl):  # this micro-batch's share of the policy-gradient surrogate of validation reward
+        logp = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=mask.shape[1], params=theta)
+        return amft.policy_gradient_surrogate(logp, A[sl].to(logp), mask[sl], n=N)
+    estimator = amft.META_GRADS[cfg.meta_grad]
+    return estimator(U, params, g_rl, g_sft, mu, alpha, slices(N, cfg.micro_batch)), r.mean().item()
 
 
-def meta_gradient(model, tok, val_rows, params, g_rl, g_sft, mu, alpha, cfg, eos):
-    """dU/dmu on fresh validation rollouts from pi_theta, by the estimator cfg.meta_grad."""
-    full, fattn, cmask, r = rollouts(model, tok, random.sample(val_rows, min(cfg.val_prompts, len(val_rows))), cfg, eos)
-    A = amft.group_advantages(r)[0].flatten()                                   # (B_val * G,)
-
-    def U(theta=None):  # the policy-gradient surrogate of validation reward, at weights theta
-        logp = policy.token_logprobs(model, full, fattn, cfg.temperature, params=theta, n_last=cmask.shape[1])[0]
-        return amft.policy_gradient_surrogate(logp, A.to(logp), cmask)
-
-    if cfg.meta_grad == "first-order":
-        grads = torch.autograd.grad(U(), list(params.values()), allow_unused=True)
-        return amft.meta_grad_first_order({n: g for n, g in zip(params, grads) if g is not None}, g_rl, g_sft, alpha)
-    if cfg.meta_grad == "autograd":
-        return amft.meta_grad_autograd(U, params, g_rl, g_sft, mu, alpha)
-    return amft.meta_grad_fd(U, params, g_rl, g_sft, mu, alpha)
+def next_rows(train_rows, state, rng, B, tok, chat):
+    """B training rows: epochs over the rows in a random order, each hand with its cards in a
+    fresh random order (data.reshuffle), prompts formatted for the model."""
+    while len(state["order"]) < B:  # a small task's epoch can be shorter than a batch
+        state["order"] += rng.sample(range(len(train_rows)), len(train_rows))
+    rows = [data.reshuffle(train_rows[state["order"].pop()], rng) for _ in range(B)]
+    return [dict(r, prompt=policy.format_prompt(tok, r["prompt"], chat)) for r in rows]
 
 
 def atomic_json(obj, path):
@@ -234,34 +257,81 @@ def atomic_json(obj, path):
     os.replace(path + ".tmp", path)
 
 
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, tok, opt, state: dict, ref_model=None):
+    """Model + tokenizer (save_pretrained), optimizer, the loop's state (with the controller and
+    every random stream). Only tensors, numbers, strings, lists, tuples and dicts, so it loads with
+    torch.load(weights_only=True). Written to path.tmp and swapped in: never half a checkpoint."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save({"optimizer": opt.state_dict(), "state": state,
+                "ref": ref_model.state_dict() if ref_model is not None else None}, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.isdir(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path, model, opt):
+    """The loop's state and the reference policy (if the run had one); restores the optimizer.
+    The weights were loaded from `path` with the model. Never unpickles arbitrary objects."""
+    file = os.path.join(path, "trainer_state.pt")
+    try:
+        saved = torch.load(file, weights_only=True)
+        opt.load_state_dict(saved["optimizer"])
+    except pickle.UnpicklingError:
+        raise UsageError(f"{file} holds objects other than tensors and plain data; refusing to load it "
+                         f"(it may run code). Only resume checkpoints written by train.py") from None
+    except Exception as e:
+        raise UsageError(f"{file} is damaged and cannot be read ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
+    ref_model = None
+    if saved["ref"] is not None:
+        ref_model = policy.frozen_copy(model)
+        ref_model.load_state_dict(saved["ref"])
+    return saved["state"], ref_model
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+    """Ctrl-C asks the loop to stop between steps (so the checkpoint is consistent); a second
+    Ctrl-C interrupts at once. The previous handler is back when the block ends."""
+    stop = []
+
+    def handler(*_):
+        stop.append(True)
+        signal.signal(signal.SIGINT, previous)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ---------------------------------------------------------------------------- the run
 def main(cfg: Config):
     check(cfg)
     t_start = time.time()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    method = amft.METHODS[cfg.method]
+    torch.manual_seed(cfg.seed)                     # rollout sampling: torch's generator
+    data_rng = random.Random(f"data-{cfg.seed}")    # training order and card orders
+    val_rng = random.Random(f"val-{cfg.seed}")      # validation prompts of the meta-gradient
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    dtype = getattr(torch, cfg.dtype)
     try:
         splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target)
+        name = os.path.join(cfg.resume, "checkpoint") if cfg.resume else cfg.model
+        model, tok = policy.load_policy(name, getattr(torch, cfg.dtype), device, cfg.lora_r, cfg.grad_ckpt, cfg.seed)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not cfg.max_new_tokens:
         cfg.max_new_tokens = 16 if "test_ood" in splits else 512
-    ckpt = os.path.join(cfg.resume, "checkpoint") if cfg.resume else None
-    name = ckpt or cfg.model
-    if name in ("tiny", "random-0.5b"):
-        shape = policy.QWEN_0_5B if name == "random-0.5b" else {}
-        name = policy.make_tiny_model(tempfile.mkdtemp(prefix="amft-tiny-"), seed=cfg.seed, **shape)
-    try:
-        model, tok = policy.load_policy(name, dtype, device, lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     chat = policy.use_chat(tok, cfg.model, cfg.chat)
     eos, end = policy.eos_ids(tok, model, chat), policy.end_id(tok, chat)
     splits["val"] = splits["val"] or [dict(r) for r in splits["train"]]  # a small hand file may leave none
-    for name, rows in splits.items():  # training rows are formatted as they are drawn (reshuffled)
-        for r in rows if name != "train" else []:
+    for split, rows in splits.items():  # training rows are formatted as they are drawn (reshuffled)
+        for r in rows if split != "train" else []:
             r["prompt"] = policy.format_prompt(tok, r["prompt"], chat)
     # only now, with every input checked, do we create the output folder
     out = cfg.resume or cfg.out or os.path.join("runs", f"{'eval' if cfg.eval_only else cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -288,126 +358,116 @@ def main(cfg: Config):
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    controller = amft.MuController(method, cfg.mu0, cfg.mu_min, cfg.mu_max, cfg.eta_meta, cfg.eta_H, cfg.meta_every,
+                                   None if math.isnan(cfg.H_target) else cfg.H_target)
     alpha = cfg.meta_alpha or cfg.lr
     train_rows, val_rows = splits["train"], splits["val"]
     ref_model = None
-    # everything the loop carries from step to step: what a checkpoint must hold
-    state = {"step": 0, "mu": cfg.mu0 if cfg.method in AMFT + ("fixed-mix",) else None, "meta_v": 0.0, "meta_n": 0,
-             "H_target": None if math.isnan(cfg.H_target) else cfg.H_target, "bad_in_row": 0, "skipped": 0,
-             "samples_seen": 0, "order": [], "before": None}
-    if ckpt:
-        state, ref_model = policy.load_checkpoint(ckpt, model, opt)
+    # everything the loop carries from step to step, besides the weights: what a checkpoint holds
+    state = {"step": 0, "bad_in_row": 0, "skipped": 0, "samples_seen": 0, "order": [], "before": None}
+    if cfg.resume:
+        state, ref_model = load_checkpoint(os.path.join(out, "checkpoint"), model, opt)
+        controller.load_state_dict(state["controller"])
+        data_rng.setstate(state["rng"]["data"])
+        val_rng.setstate(state["rng"]["val"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         with open(os.path.join(out, "metrics.jsonl")) as f:  # drop lines logged after the checkpoint
-            kept = [l for l in f if json.loads(l)["step"] < state["step"]]
+            kept = [line for line in f if json.loads(line)["step"] < state["step"]]
         with open(os.path.join(out, "metrics.jsonl"), "w") as f:
             f.writelines(kept)
     if state["before"] is None:
         state["before"] = test_all()
-    print(f"{cfg.method}: {len(train_rows)} train / {len(splits['val'])} val / {len(splits['test'])} test prompts; "
+    print(f"{cfg.method}: {len(train_rows)} train / {len(val_rows)} val / {len(splits['test'])} test prompts; "
           f"before training {state['before']}")
 
-    stop = []  # Ctrl-C asks to stop; the loop stops between steps, so the checkpoint is consistent
-    signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT, signal.default_int_handler)))
-    log = open(os.path.join(out, "metrics.jsonl"), "a")
-    pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc=cfg.method, dynamic_ncols=True)
-    for step in pbar:
-        t0 = time.time()
-        if len(state["order"]) < cfg.batch_size:  # epochs over the training rows, reshuffled
-            state["order"] += random.sample(range(len(train_rows)), len(train_rows))
-        rows = [data.reshuffle(train_rows[state["order"].pop()], random) for _ in range(cfg.batch_size)]
-        rows = [dict(r, prompt=policy.format_prompt(tok, r["prompt"], chat)) for r in rows]
-        warm = cfg.method in WARM and step < cfg.warmup
-        use_rl = cfg.method != "sft" and not warm
-        use_sft = cfg.method not in ("grpo", "luffy") and (warm or cfg.method != "sft-grpo")
-        mu = state["mu"]
-        m = {"step": step, "phase": "warmup" if warm else "main", "mu": mu, "entropy": None,
-             "H_target": state["H_target"], "reward_mean": None, "reward_std": None, "sft_loss": None,
-             "rl_loss": None, "meta_grad": None, "frac_zero_std": None}
-        needs_demos = use_sft or (use_rl and cfg.method in DEMO_IN_GROUP)
-        if needs_demos:
-            demo_batch = policy.sft_batch(tok, [r["prompt"] for r in rows], [r["demo"] for r in rows], end, device)
-        # --------------------------------------------------------------- SFT gradient
-        g_sft, g_rl, losses = {}, {}, []
-        if use_sft:
-            opt.zero_grad(set_to_none=True)
-            m["sft_loss"] = sft_backward(model, *demo_batch, cfg.micro_batch)
-            g_sft = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
-            losses.append(m["sft_loss"])
-        # --------------------------------------------------------------- rollouts and RL gradient
-        if use_rl:
-            full, fattn, cmask, r = rollouts(model, tok, rows, cfg, eos)        # r: (B, G)
-            demos = None
-            if cfg.method in DEMO_IN_GROUP:  # the demonstration is the group's (G+1)-th sample
-                r_demo = torch.tensor([data.reward(row, row["demo"]) for row in rows])[:, None]
-                A, m["frac_zero_std"] = amft.group_advantages(torch.cat([r, r_demo], 1))  # (B, G+1)
-                demos, A = (*demo_batch, A[:, -1].to(device)), A[:, :-1]
-            else:
-                A, m["frac_zero_std"] = amft.group_advantages(r)
-            if cfg.beta > 0 and ref_model is None:  # frozen copy of the policy as RL begins
-                ref_model = policy.frozen_copy(model)
-            opt.zero_grad(set_to_none=True)
-            m["rl_loss"], H, rl_metrics = rl_backward(model, ref_model, full, fattn, cmask, A.flatten().to(device), cfg, demos)
-            g_rl = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
-            m.update(rl_metrics, entropy=H, reward_mean=r.mean().item(), reward_std=r.std().item(),
-                     completion_len=cmask.sum(1).mean().item())
-            losses.append(m["rl_loss"])
-            if state["H_target"] is None and cfg.method in AMFT:  # entropy of the warmed-up policy's own samples
-                state["H_target"] = m["H_target"] = H
-        # --------------------------------------------------------------- mu update (AMFT only)
-        if use_rl and cfg.method in AMFT:
-            g_H = 0.0 if cfg.method == "amft-no-entropy" else amft.entropy_signal(state["H_target"], m["entropy"])
-            g_meta = 0.0
-            if cfg.method != "amft-no-meta" and (step - cfg.warmup) % cfg.meta_every == 0:
-                raw = meta_gradient(model, tok, val_rows, params, g_rl, g_sft, mu, alpha, cfg, eos)
-                g_meta, state["meta_v"], state["meta_n"] = amft.normalize_meta_grad(raw, state["meta_v"], state["meta_n"])
-                m["meta_grad"], m["meta_grad_scaled"] = raw, g_meta
-            state["mu"] = m["mu"] = amft.update_mu(mu, g_meta, g_H, cfg.eta_meta, cfg.eta_H, cfg.mu_min, cfg.mu_max)
-        # --------------------------------------------------------------- parameter step
-        m["w_rl"], m["w_sft"] = amft.loss_weights(cfg.method, state["mu"], m["entropy"] or 0.0, warm)
-        if not all(math.isfinite(l) for l in losses):
-            state["bad_in_row"] += 1
-            state["skipped"] += 1
-            m["skipped"] = True
-            if state["bad_in_row"] >= cfg.max_bad_steps:
-                raise TrainingError(f"stopped at step {step}: {state['bad_in_row']} non-finite losses in a row "
-                                    f"(try a lower --lr or --dtype float32)")
-        else:
-            state["bad_in_row"] = 0
-            mixed = amft.mix_grads(g_rl, g_sft, m["w_rl"], m["w_sft"])
-            for n, p in params.items():
-                p.grad = mixed.get(n)
-            m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip).item()
-            opt.step()
-        # --------------------------------------------------------------- log and save
-        n_samples = (cfg.batch_size if needs_demos else 0) + (cfg.batch_size * cfg.group_size if use_rl else 0)  # demonstrations + rollouts
-        state["samples_seen"] += n_samples
-        state["step"] = step + 1
-        m["samples_per_s"], m["samples_seen"] = n_samples / (time.time() - t0), state["samples_seen"]
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:  # not counted in samples_per_s
-            m["val_accuracy"] = evaluate(model, tok, val_rows, cfg, eos)[0]
-        log.write(json.dumps(m) + "\n")
-        log.flush()
-        pbar.set_postfix({k: f"{v:.3f}" for k, v in [("mu", m["mu"]), ("reward", m["reward_mean"]),
-                                                      ("H", m["entropy"]), ("sft", m["sft_loss"])] if v is not None})
-        if stop or (cfg.save_every and state["step"] % cfg.save_every == 0):
-            policy.save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
-        if stop:
-            raise KeyboardInterrupt(f"stopped at step {state['step']}; checkpoint saved: python train.py --resume {out}")
-    log.close()
+    def checkpoint():
+        state.update(controller=controller.state_dict(), rng={
+            "data": data_rng.getstate(), "val": val_rng.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+        save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
 
-    policy.save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
+    pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc=cfg.method, dynamic_ncols=True)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as log, stop_on_ctrl_c() as stop:
+        for step in pbar:
+            t0 = time.time()
+            rows = next_rows(train_rows, state, data_rng, cfg.batch_size, tok, chat)
+            now = amft.phase(method, step, cfg.warmup)
+            m = dict.fromkeys(("entropy", "reward_mean", "reward_std", "sft_loss", "rl_loss", "meta_grad", "frac_zero_std"))
+            m.update(step=step, phase="warmup" if now.warm else "main", mu=controller.mu if method.mixes else None,
+                     H_target=controller.H_target, prompts_crc32=zlib.crc32("\n".join(r["prompt"] for r in rows).encode()))
+            demos = policy.sft_batch(tok, [r["prompt"] for r in rows], [r["demo"] for r in rows], end, device) if now.demos else None
+            g_sft, g_rl, H = {}, {}, None
+            # ------------------------------------------------------------ SFT gradient on the demonstrations
+            if now.sft:
+                m["sft_loss"] = sft_backward(model, demos, cfg.micro_batch)
+                g_sft = take_grads(params)
+            # ------------------------------------------------------------ rollouts -> rewards -> advantages -> RL gradient
+            if now.rl:
+                roll, r = rollouts(model, tok, rows, cfg, eos)                                  # r: (B, G)
+                r_demo = torch.tensor([data.reward(row, row["demo"]) for row in rows]) if method.demo_in_group else None
+                A, A_demo, m["frac_zero_std"] = amft.advantages(r, r_demo)                     # (B*G,), (B,)
+                if cfg.beta > 0 and ref_model is None:
+                    ref_model = policy.frozen_copy(model)  # the reference: the policy as RL begins
+                rl = rl_backward(model, ref_model, roll, A.to(device), cfg, method.shaped,
+                                 demos if method.demo_in_group else None, A_demo)
+                g_rl, H = take_grads(params), rl.pop("entropy")
+                m.update(rl_loss=rl.pop("loss"), entropy=H, reward_mean=r.mean().item(), reward_std=r.std().item(),
+                         completion_len=roll.mask.sum(1).mean().item(), **rl)
+            finite = all(math.isfinite(m[k]) for k in ("sft_loss", "rl_loss") if m[k] is not None)
+            # ------------------------------------------------------------ mu: entropy term, meta-gradient every K steps
+            if now.rl and method.mixes:
+                dU = None
+                if finite and controller.meta_due(step - cfg.warmup):
+                    val = val_rng.sample(val_rows, min(cfg.val_prompts, len(val_rows)))
+                    dU, m["val_reward"] = meta_gradient(model, tok, val, params, g_rl, g_sft, controller.mu, alpha, cfg, eos)
+                m.update(controller.update(H, dU, finite))
+            # ------------------------------------------------------------ parameter step on w_RL g_RL + w_SFT g_SFT
+            m["w_rl"], m["w_sft"] = amft.loss_weights(method, controller.mu, H or 0.0, now.warm)
+            if finite:
+                for n, g in amft.mix_grads_(g_rl, g_sft, m["w_rl"], m["w_sft"]).items():
+                    params[n].grad = g
+                m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip).item()
+                finite = math.isfinite(m["grad_norm"])
+            if finite:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            state["bad_in_row"] = 0 if finite else state["bad_in_row"] + 1
+            state["skipped"] += not finite
+            m["skipped"] = not finite
+            if state["bad_in_row"] >= cfg.max_bad_steps:
+                raise TrainingError(f"stopped at step {step}: {state['bad_in_row']} non-finite steps in a row "
+                                    f"(try a lower --lr or --dtype float32)")
+            # ------------------------------------------------------------ log, evaluate, checkpoint
+            n_samples = (cfg.batch_size if now.demos else 0) + (cfg.batch_size * cfg.group_size if now.rl else 0)
+            state["samples_seen"] += n_samples
+            state["step"] = step + 1
+            m.update(samples_per_s=n_samples / (time.time() - t0), samples_seen=state["samples_seen"])
+            if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:  # not counted in samples_per_s
+                m["val_accuracy"] = evaluate(model, tok, val_rows, cfg, eos)[0]
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            pbar.set_postfix({k: f"{m[k]:.3f}" for k in ("mu", "reward_mean", "entropy", "sft_loss") if m.get(k) is not None})
+            if stop or (cfg.save_every and state["step"] % cfg.save_every == 0):
+                checkpoint()
+            if stop:
+                raise KeyboardInterrupt(f"stopped at step {state['step']}; checkpoint saved: python train.py --resume {out}")
+
+    checkpoint()
     after = test_all(cfg.pass_k)
     final = model.merge_and_unload() if cfg.lora_r else model
     final.save_pretrained(os.path.join(out, "model"))
     tok.save_pretrained(os.path.join(out, "model"))
     summary = dict(method=cfg.method, model=cfg.model, task=cfg.task, steps=cfg.steps, **after,
-                   **{f"{k}_before": v for k, v in state["before"].items()}, final_mu=state["mu"],
-                   H_target=state["H_target"], skipped_steps=state["skipped"], test_prompts=len(splits["test"]),
+                   **{f"{k}_before": v for k, v in state["before"].items()},
+                   final_mu=controller.mu if method.mixes else None, H_target=controller.H_target,
+                   mu_rejected=controller.rejected, skipped_steps=state["skipped"], test_prompts=len(splits["test"]),
                    wall_seconds=round(time.time() - t_start, 1), device=device)
     atomic_json(summary, os.path.join(out, "summary.json"))
-    import compare  # here, not at the top: compare.py imports this file
-    figure = compare.plot_run(out)
-    print(f"after training {after} ({summary['wall_seconds']:.0f} s); results in {out}" + (f", plot {figure}" if figure else ""))
+    figure = plots.plot_run(out)
+    print(f"after training {after} ({summary['wall_seconds']:.0f} s); results in {out}"
+          + (f", plot {figure}" if figure else " (pip install matplotlib for curves.png)"))
     return summary
 
 
@@ -431,9 +491,12 @@ def parse_args(argv=None) -> Config:
         path = os.path.join(cfg.resume, "config.json")
         if not os.path.isfile(os.path.join(cfg.resume, "checkpoint", "trainer_state.pt")) or not os.path.isfile(path):
             sys.exit(f"error: --resume {cfg.resume}: no checkpoint there (expected {cfg.resume}/checkpoint/)")
-        with open(path) as f:
-            saved = json.load(f)
-        cfg = Config(**{**saved, **vars(parser(False).parse_args(argv))})
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            cfg = Config(**{**saved, **vars(parser(False).parse_args(argv))})
+        except (ValueError, TypeError) as e:
+            sys.exit(f"error: --resume {cfg.resume}: config.json is damaged ({e})")
     return cfg
 
 

@@ -1,0 +1,92 @@
+"""
+Plots, when matplotlib is installed (without it every function returns None and nothing else
+changes): `plot_run` draws one run's mu, entropy and reward (train.py calls it at the end of a
+run, curves.png); `plot_comparison` draws compare.py's methods x seeds (comparison.png).
+"""
+import json
+import os
+import statistics
+
+import amft
+
+
+def load_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _pyplot():
+    """matplotlib.pyplot without a display, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_run(run_dir):
+    """run_dir/curves.png: mu (and w_SFT), entropy against its target, and mean reward per step."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    m = load_metrics(run_dir)
+    steps = [x["step"] for x in m]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(steps, [x["w_sft"] for x in m], label="w_SFT (weight on imitation)")
+    if any(x["mu"] is not None for x in m):
+        axes[0].plot(steps, [x["mu"] for x in m], "--", label="mu")
+    axes[0].set(xlabel="step", ylabel="weight", ylim=(0, 1.05), title="imitation weight")
+    axes[1].plot(steps, [x["entropy"] for x in m], label="entropy H_t")
+    if any(x["H_target"] is not None for x in m):
+        axes[1].plot(steps, [x["H_target"] for x in m], "--", label="target H*")
+    axes[1].set(xlabel="step", ylabel="nats", title="rollout token entropy")
+    axes[2].plot(steps, [x["reward_mean"] for x in m], label="train reward (rollouts)")
+    val = [(x["step"], x["val_accuracy"]) for x in m if "val_accuracy" in x]
+    if val:
+        axes[2].plot(*zip(*val), "o-", label="val greedy accuracy")
+    axes[2].set(xlabel="step", ylim=(0, 1.05), title="reward")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(run_dir, "curves.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(results, path):
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    CONTROLLED = [m for m in amft.METHODS if amft.METHODS[m].entropy_term or amft.METHODS[m].meta_term]
+    for method in [m for m in CONTROLLED if m in results]:
+        for i, r in enumerate(results[method]):
+            m = r["metrics"]
+            axes[0].plot([x["step"] for x in m], [x["mu"] for x in m], color=f"C{CONTROLLED.index(method)}",
+                         alpha=0.8, label=method if i == 0 else None)
+            main = [x for x in m if x["entropy"] is not None]
+            axes[1].plot([x["step"] for x in main], [x["entropy"] for x in main], color=f"C{CONTROLLED.index(method)}",
+                         alpha=0.6, label=f"{method} H_t" if i == 0 else None)
+            if main and main[0]["H_target"] is not None:
+                axes[1].plot([x["step"] for x in main], [x["H_target"] for x in main], "--", color=f"C{CONTROLLED.index(method)}",
+                             alpha=0.6, label=f"{method} H*" if i == 0 else None)
+    axes[0].set(xlabel="step", ylabel="mu", ylim=(0, 1), title="mu (weight on SFT), each seed")
+    axes[1].set(xlabel="step", ylabel="nats", title="rollout entropy against its target")
+    for j, (method, runs) in enumerate(results.items()):
+        curves = [[(x["samples_seen"], x["val_accuracy"]) for x in r["metrics"] if "val_accuracy" in x] for r in runs]
+        n = min(len(c) for c in curves)
+        if n:
+            xs = [curves[0][k][0] for k in range(n)]
+            axes[2].plot(xs, [statistics.mean(c[k][1] for c in curves) for k in range(n)], "o-", ms=3,
+                         color=f"C{j % 10}", label=method)
+    axes[2].set(xlabel="training samples seen (demos + rollouts)", ylabel="greedy accuracy", xscale="log",
+                ylim=(0, 1), title="validation accuracy, mean over seeds")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
