@@ -109,6 +109,10 @@ class Phase:
     sft: bool    # demonstrations and g_SFT this step
     demos: bool  # the step needs the demonstrations (for SFT or inside the GRPO groups)
 
+    @property
+    def name(self) -> str:
+        return "warmup" if self.warm else "main"
+
 
 def phase(method: Method, step: int, warmup: int) -> Phase:
     """What the loop computes at `step`."""
@@ -254,9 +258,12 @@ class MuController:
     calls `update` once per main-phase step. All state is plain numbers (`state_dict`)."""
 
     def __init__(self, method: Method, mu0, mu_min, mu_max, eta_meta, eta_H, meta_every, H_target=None):
-        self.entropy_term, self.meta_term, self.every = method.entropy_term, method.meta_term, meta_every
+        self.entropy_term, self.meta_term, self.mixes, self.every = method.entropy_term, method.meta_term, method.mixes, meta_every
         self.eta_meta, self.eta_H, self.mu_min, self.mu_max = eta_meta, eta_H, mu_min, mu_max
         self.mu, self.H_target, self.meta_v, self.meta_n, self.rejected = float(mu0), H_target, 0.0, 0, 0
+
+    def metrics(self) -> dict:
+        return {"mu": self.mu if self.mixes else None, "H_target": self.H_target, "meta_grad": None}
 
     def meta_due(self, k: int) -> bool:
         return self.meta_term and k % self.every == 0
@@ -335,7 +342,7 @@ def fd_step(params, g_rl, g_sft, alpha) -> float:
     rms = lambda t: float(t.detach().double().pow(2).mean().sqrt())
     n = sum(p.numel() for p in params.values())
     theta_rms = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params.values()) / n)
-    ratios = [(rms(params[k]) or theta_rms) / (alpha * rms(g_sft[k].double() - g_rl[k].double()))
+    ratios = [(rms(params[k]) or theta_rms or 1.0) / (alpha * rms(g_sft[k].double() - g_rl[k].double()))
               for k in g_rl if k in g_sft and alpha * rms(g_sft[k].double() - g_rl[k].double()) > 0]
     return math.sqrt(torch.finfo(p0.dtype).eps) * min(ratios, default=1.0)
 

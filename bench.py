@@ -60,7 +60,7 @@ def bench_decode(model, tok, device, B, P, C, compile_too):
     rows = []
     for sampler in ["generate", "loop"] + (["compiled"] if compile_too else []):
         never = [model.config.vocab_size]  # an EOS id outside the vocabulary: every row runs C steps
-        run = lambda: policy.sample(model, tok, prompts, 1, 1.0, C, eos=never, sampler=sampler)
+        run = lambda: policy.sample(model, tok, prompts, G=1, max_new_tokens=C, eos=never, sampler=sampler)
         seconds = timed(run, device, repeat=2)
         rows.append((f"decode {sampler}", seconds / C * 1e3, B * C / seconds))
     n_params = sum(p.numel() for p in model.parameters())
@@ -79,7 +79,7 @@ def bench_train(model, device, N, T):
     attn = torch.ones_like(ids)
 
     def step():
-        logp = policy.token_logprobs(model, ids, attn, n_last=T // 2)[0]
+        logp = policy.token_logprobs(model, ids, attn, n_last=T // 2)
         (-logp.mean()).backward()
         model.zero_grad(set_to_none=True)
     if device.startswith("cuda"):
@@ -96,13 +96,13 @@ def bench_steps(model_name, device, dtype, steps, B, G, C, sampler):
     out = {}
     for label, method, every in [("fixed-mix", "fixed-mix", 1), ("amft, meta every step", "amft", 1),
                                  ("amft, meta every 20", "amft", 20)]:
-        run_dir = tempfile.mkdtemp(prefix="amft-bench-")
-        os.rmdir(run_dir)
-        train.main(train.Config(model=model_name, method=method, steps=steps, warmup=0, batch_size=B, group_size=G,
-                                max_new_tokens=C, meta_every=every, eval_every=10**6, eval_batch=B, save_every=0,
-                                dtype=dtype, device=device, sampler=sampler, skip_test=True, out=run_dir))
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            m = [json.loads(line) for line in f][2:]  # the first steps compile and warm caches
+        with tempfile.TemporaryDirectory(prefix="amft-bench-") as tmp:
+            run_dir = os.path.join(tmp, "run")
+            train.main(train.Config(model=model_name, method=method, steps=steps, warmup=0, batch_size=B, group_size=G,
+                                    max_new_tokens=C, meta_every=every, eval_every=10**6, eval_batch=B, save_every=0,
+                                    dtype=dtype, device=device, sampler=sampler, skip_test=True, out=run_dir))
+            with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+                m = [json.loads(line) for line in f][2:]  # the first steps compile and warm caches
         out[label] = statistics.median(B * (1 + G) / x["samples_per_s"] for x in m)
     return out
 
@@ -120,8 +120,7 @@ def main(argv=None):
     N, T = (64, 384) if big else ((4, 32) if a.quick else (16, 64))
     sB, sG, sC, sSteps = (8, 8, 256, 8) if big else ((2, 2, 4, 4) if a.quick else (8, 8, 16, 8))
     model_name = "random-0.5b" if big else "tiny"
-    path = policy.make_tiny_model(tempfile.mkdtemp(prefix="amft-bench-model-"), **(policy.QWEN_0_5B if big else {}))
-    model, tok = policy.load_policy(path, dtype=getattr(torch, dtype), device=device)
+    model, tok = policy.load_policy(model_name, dtype=getattr(torch, dtype), device=device)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; model: {model_name} ({n_params / 1e6:.1f} M params, {dtype})")

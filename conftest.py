@@ -51,3 +51,13 @@ def math_files(tmp_path_factory):
                "reward_model": {"ground_truth": str(a * a), "style": "rule"}} for a in range(1, 21)]
     return {"gsm8k": write_jsonl(d / "gsm8k.jsonl", gsm), "math500": write_jsonl(d / "math500.jsonl", math500),
             "openr1": write_jsonl(d / "openr1.jsonl", openr1)}
+
+
+@pytest.fixture(scope="session")
+def warm_path(tmp_path_factory):
+    """The default tiny model after 120 SFT steps on General Points: it solves some hands, so
+    rewards differ within groups and the meta-gradient is not zero."""
+    import train
+    out = tmp_path_factory.mktemp("warm") / "run"
+    train.main(train.Config(method="sft", steps=120, eval_every=1000, save_every=0, skip_test=True, out=str(out)))
+    return str(out / "model")

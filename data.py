@@ -43,7 +43,10 @@ def card_value(rank: str, rule: str) -> int:
 
 
 def make_prompt(cards, target: int, rule: str) -> str:
-    return f"cards {' '.join(cards)}; {RULE_TEXT[rule]}; make {target}: "
+    """Compact, for a model that reads one character per token: '2 J 5; J,Q,K=10; 10=' asks for
+    a formula that completes the equation, e.g. '5+10/2'. Every token of the prompt is paid for
+    G times per step in the RL passes, so it carries the cards, the rule and the target only."""
+    return f"{' '.join(cards)}; {RULE_TEXT[rule]}; {target}="
 
 
 # ---------------------------------------------------------------------------- solver

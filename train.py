@@ -58,10 +58,10 @@ class Config:
     target: int = arg(10, "General Points: the value the formula must reach (the paper's: 24)")
     chat: str = arg("auto", "use the chat template: auto (instruct/chat models) | on | off")
     # budget
-    steps: int = arg(800, "optimizer steps in all, warm-up included")
-    warmup: int = arg(200, "SFT-only steps before mixing starts (W; amft*, fixed-mix, and sft-grpo's first stage)")
+    steps: int = arg(700, "optimizer steps in all, warm-up included")
+    warmup: int = arg(250, "SFT-only steps before mixing starts (W; amft*, fixed-mix, and sft-grpo's first stage)")
     batch_size: int = arg(16, "B: prompts per step (each has a demonstration)")
-    group_size: int = arg(8, "G: completions sampled per prompt")
+    group_size: int = arg(4, "G: completions sampled per prompt")
     max_new_tokens: int = arg(0, "longest completion in tokens; 0 = 16 for general-points, 512 for math")
     temperature: float = arg(1.0, "sampling temperature; log-probs use the same one")
     # optimizer and memory
@@ -100,6 +100,9 @@ class Config:
     resume: str = arg("", "a run folder to continue from its checkpoint; flags given now override its config")
     eval_only: bool = arg(False, "only evaluate --model on --task's test split(s) and write summary.json")
     skip_test: bool = arg(False, "skip the test-split evaluations before and after training (benchmarks)")
+
+
+METRICS = ("entropy", "reward_mean", "reward_std", "sft_loss", "rl_loss", "frac_zero_std")  # None where not computed
 
 
 class UsageError(ValueError):
@@ -203,9 +206,11 @@ def sft_backward(model, demos, micro):
 def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo=None):
     """Accumulate grad L_RL over micro-batches. Returns {loss, entropy (the rollouts' mean token
     entropy, free from the same logits), clip_frac, kl}. With demos (srft, luffy) the
-    demonstrations are off-policy members of their groups, inside the same token-level mean."""
+    demonstrations (A_demo not None) are off-policy members of their groups, inside the same
+    token-level mean."""
     ids, attn, mask, C = roll.ids, roll.attn, roll.mask, roll.mask.shape[1]
     n_tokens = mask.sum()
+    demos = demos if A_demo is not None else None
     denom = n_tokens + (demos.mask.sum() if demos is not None else 0)
 
     def rollout_loss(sl):
@@ -249,6 +254,33 @@ def next_rows(train_rows, state, rng, B, tok, chat):
         state["order"] += rng.sample(range(len(train_rows)), len(train_rows))
     rows = [data.reshuffle(train_rows[state["order"].pop()], rng) for _ in range(B)]
     return [dict(r, prompt=policy.format_prompt(tok, r["prompt"], chat)) for r in rows]
+
+
+def demo_rewards(rows, method):
+    """srft and luffy put each demonstration in its GRPO group: its reward (B,), else None."""
+    return torch.tensor([data.reward(row, row["demo"]) for row in rows]) if method.demo_in_group else None
+
+
+def reference(model, ref_model, beta):
+    """The frozen reference of the KL term: a copy of the policy as RL begins (None if beta = 0)."""
+    return policy.frozen_copy(model) if beta > 0 and ref_model is None else ref_model
+
+
+def set_grads(params: dict, grads: dict, clip: float) -> float:
+    """p.grad = grads[name], clipped to norm `clip`; returns the norm before clipping (non-finite:
+    the caller skips the step)."""
+    for n, g in grads.items():
+        params[n].grad = g
+    return torch.nn.utils.clip_grad_norm_(params.values(), clip).item()
+
+
+def count_bad_steps(state, skipped: bool, limit: int):
+    """Skipped (non-finite) steps in a row; `limit` of them ends the run with a one-line error."""
+    state["bad_in_row"] = state["bad_in_row"] + 1 if skipped else 0
+    state["skipped"] += skipped
+    if state["bad_in_row"] >= limit:
+        raise TrainingError(f"stopped at step {state['step']}: {limit} non-finite steps in a row "
+                            f"(try a lower --lr or --dtype float32)")
 
 
 def atomic_json(obj, path):
@@ -392,26 +424,22 @@ def main(cfg: Config):
     with open(os.path.join(out, "metrics.jsonl"), "a") as log, stop_on_ctrl_c() as stop:
         for step in pbar:
             t0 = time.time()
-            rows = next_rows(train_rows, state, data_rng, cfg.batch_size, tok, chat)
             now = amft.phase(method, step, cfg.warmup)
-            m = dict.fromkeys(("entropy", "reward_mean", "reward_std", "sft_loss", "rl_loss", "meta_grad", "frac_zero_std"))
-            m.update(step=step, phase="warmup" if now.warm else "main", mu=controller.mu if method.mixes else None,
-                     H_target=controller.H_target, prompts_crc32=zlib.crc32("\n".join(r["prompt"] for r in rows).encode()))
+            rows = next_rows(train_rows, state, data_rng, cfg.batch_size, tok, chat)
             demos = policy.sft_batch(tok, [r["prompt"] for r in rows], [r["demo"] for r in rows], end, device) if now.demos else None
+            m = dict(step=step, phase=now.name, **controller.metrics(), **dict.fromkeys(METRICS),
+                     prompts_crc32=zlib.crc32("\n".join(r["prompt"] for r in rows).encode()))
             g_sft, g_rl, H = {}, {}, None
             # ------------------------------------------------------------ SFT gradient on the demonstrations
             if now.sft:
                 m["sft_loss"] = sft_backward(model, demos, cfg.micro_batch)
                 g_sft = take_grads(params)
-            # ------------------------------------------------------------ rollouts -> rewards -> advantages -> RL gradient
+            # ------------------------------------------------------------ sample -> reward -> advantages -> RL gradient
             if now.rl:
-                roll, r = rollouts(model, tok, rows, cfg, eos)                                  # r: (B, G)
-                r_demo = torch.tensor([data.reward(row, row["demo"]) for row in rows]) if method.demo_in_group else None
-                A, A_demo, m["frac_zero_std"] = amft.advantages(r, r_demo)                     # (B*G,), (B,)
-                if cfg.beta > 0 and ref_model is None:
-                    ref_model = policy.frozen_copy(model)  # the reference: the policy as RL begins
-                rl = rl_backward(model, ref_model, roll, A.to(device), cfg, method.shaped,
-                                 demos if method.demo_in_group else None, A_demo)
+                roll, r = rollouts(model, tok, rows, cfg, eos)                                   # r: (B, G)
+                A, A_demo, m["frac_zero_std"] = amft.advantages(r, demo_rewards(rows, method))  # (B*G,), (B,)
+                ref_model = reference(model, ref_model, cfg.beta)
+                rl = rl_backward(model, ref_model, roll, A.to(device), cfg, method.shaped, demos, A_demo)
                 g_rl, H = take_grads(params), rl.pop("entropy")
                 m.update(rl_loss=rl.pop("loss"), entropy=H, reward_mean=r.mean().item(), reward_std=r.std().item(),
                          completion_len=roll.mask.sum(1).mean().item(), **rl)
@@ -425,30 +453,21 @@ def main(cfg: Config):
                 m.update(controller.update(H, dU, finite))
             # ------------------------------------------------------------ parameter step on w_RL g_RL + w_SFT g_SFT
             m["w_rl"], m["w_sft"] = amft.loss_weights(method, controller.mu, H or 0.0, now.warm)
-            if finite:
-                for n, g in amft.mix_grads_(g_rl, g_sft, m["w_rl"], m["w_sft"]).items():
-                    params[n].grad = g
-                m["grad_norm"] = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip).item()
-                finite = math.isfinite(m["grad_norm"])
-            if finite:
+            m["grad_norm"] = set_grads(params, amft.mix_grads_(g_rl, g_sft, m["w_rl"], m["w_sft"]), cfg.grad_clip)
+            m["skipped"] = not (finite and math.isfinite(m["grad_norm"]))
+            if not m["skipped"]:
                 opt.step()
             opt.zero_grad(set_to_none=True)
-            state["bad_in_row"] = 0 if finite else state["bad_in_row"] + 1
-            state["skipped"] += not finite
-            m["skipped"] = not finite
-            if state["bad_in_row"] >= cfg.max_bad_steps:
-                raise TrainingError(f"stopped at step {step}: {state['bad_in_row']} non-finite steps in a row "
-                                    f"(try a lower --lr or --dtype float32)")
+            count_bad_steps(state, m["skipped"], cfg.max_bad_steps)
             # ------------------------------------------------------------ log, evaluate, checkpoint
-            n_samples = (cfg.batch_size if now.demos else 0) + (cfg.batch_size * cfg.group_size if now.rl else 0)
-            state["samples_seen"] += n_samples
-            state["step"] = step + 1
+            n_samples = cfg.batch_size * (now.demos + cfg.group_size * now.rl)  # demonstrations + rollouts
+            state.update(step=step + 1, samples_seen=state["samples_seen"] + n_samples)
             m.update(samples_per_s=n_samples / (time.time() - t0), samples_seen=state["samples_seen"])
             if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:  # not counted in samples_per_s
                 m["val_accuracy"] = evaluate(model, tok, val_rows, cfg, eos)[0]
             log.write(json.dumps(m) + "\n")
             log.flush()
-            pbar.set_postfix({k: f"{m[k]:.3f}" for k in ("mu", "reward_mean", "entropy", "sft_loss") if m.get(k) is not None})
+            pbar.set_postfix({k: f"{m[k]:.3f}" for k in ("mu", "reward_mean", "entropy", "sft_loss") if m[k] is not None})
             if stop or (cfg.save_every and state["step"] % cfg.save_every == 0):
                 checkpoint()
             if stop:
