@@ -303,18 +303,19 @@ def lookahead(params: dict, g_rl: dict, g_sft: dict, mu, alpha: float) -> dict:
 
 
 def dot(a: dict, b: dict) -> torch.Tensor:
-    return sum((a[k].double() * b[k].double()).sum() for k in a if k in b)
+    return sum((a[k].double() * b[k].double()).sum() for k in a if k in b and a[k] is not None)
 
 
 def meta_grad_first_order(U, params, g_rl, g_sft, mu, alpha, chunks) -> float:
-    """The paper's estimate: dU/dmu ~ -alpha <grad U(theta), g_SFT - g_RL>."""
-    names = list(params)
+    """The paper's estimate: dU/dmu ~ -alpha <grad U(theta), g_SFT - g_RL>. grad U is
+    accumulated in the parameters' .grad, which is handed back as it was."""
+    saved = {k: p.grad for k, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    accumulate(lambda chunk: (U(params, chunk), {}), chunks)
     grad_U = {}
-    for chunk in chunks:
-        grads = torch.autograd.grad(U(params, chunk), [params[n] for n in names], allow_unused=True)
-        for n, g in zip(names, grads):
-            if g is not None:
-                grad_U[n] = grad_U[n] + g if n in grad_U else g
+    for k, p in params.items():
+        grad_U[k], p.grad = p.grad, saved[k]
     return (-alpha * (dot(grad_U, g_sft) - dot(grad_U, g_rl))).item()
 
 

@@ -178,7 +178,7 @@ def test_math_verifier_hostile_input_scores_zero_fast(hostile):
     assert math_reward(hostile, "#### 1") == 0.0
     assert math_reward("\\boxed{1}", hostile) == 0.0
     if isinstance(hostile, str):
-        assert answers_match(hostile, hostile[:-1] + "1") in (True, False)
+        assert answers_match(hostile, hostile[:-1] + "1") is False  # bounded, never raises, and no spurious match
         parse_number(normalize_answer(hostile))
     assert time.time() - t < 1.0
 

@@ -164,9 +164,9 @@ def rollouts(model, tok, rows, cfg, eos):
 
 
 @torch.no_grad()
-def evaluate(model, tok, rows, cfg, eos, k=0):
-    """Greedy pass@1 (and pass@k from k samples at --temperature): the fraction of rows whose
-    greedy completion (any of k samples) earns reward 1."""
+def evaluate(model, tok, rows, cfg, eos, k=0) -> dict:
+    """{"accuracy": greedy pass@1} (and "pass@k" from k samples at --temperature): the fraction
+    of rows whose greedy completion (any of k samples) earns reward 1."""
     model.eval()
     hits, hits_k = 0.0, 0.0
     for i in range(0, len(rows), cfg.eval_batch):
@@ -181,7 +181,7 @@ def evaluate(model, tok, rows, cfg, eos, k=0):
             hits_k += (score(drawn.texts, chunk, k).max(1).values == 1).sum().item()
     model.train()
     n = max(len(rows), 1)
-    return hits / n, (hits_k / n if k else None)
+    return {"accuracy": hits / n, **({f"pass@{k}": hits_k / n} if k else {})}
 
 
 def take_grads(params: dict) -> dict:
@@ -233,7 +233,7 @@ def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo
     return out
 
 
-def meta_gradient(model, tok, rows, params, g_rl, g_sft, mu, alpha, cfg, eos):
+def meta_gradient(model, tok, rows, *, params, g_rl, g_sft, mu, alpha, cfg, eos):
     """dU/dmu on fresh validation rollouts from pi_theta, by the estimator --meta-grad, in
     micro-batches of --micro-batch sequences. Returns dU/dmu and the validation reward."""
     roll, r = rollouts(model, tok, rows, cfg, eos)
@@ -244,7 +244,8 @@ def meta_gradient(model, tok, rows, params, g_rl, g_sft, mu, alpha, cfg, eos):
         logp = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=mask.shape[1], params=theta)
         return amft.policy_gradient_surrogate(logp, A[sl].to(logp), mask[sl], n=N)
     estimator = amft.META_GRADS[cfg.meta_grad]
-    return estimator(U, params, g_rl, g_sft, mu, alpha, slices(N, cfg.micro_batch)), r.mean().item()
+    dU = estimator(U, params=params, g_rl=g_rl, g_sft=g_sft, mu=mu, alpha=alpha, chunks=slices(N, cfg.micro_batch))
+    return dU, r.mean().item()
 
 
 def next_rows(train_rows, state, rng, B, tok, chat):
@@ -354,7 +355,8 @@ def main(cfg: Config):
     try:
         splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target)
         name = os.path.join(cfg.resume, "checkpoint") if cfg.resume else cfg.model
-        model, tok = policy.load_policy(name, getattr(torch, cfg.dtype), device, cfg.lora_r, cfg.grad_ckpt, cfg.seed)
+        model, tok = policy.load_policy(name, dtype=getattr(torch, cfg.dtype), device=device, lora_r=cfg.lora_r,
+                                        grad_ckpt=cfg.grad_ckpt, seed=cfg.seed)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not cfg.max_new_tokens:
@@ -373,11 +375,10 @@ def main(cfg: Config):
         """Greedy accuracy on the test split(s), and pass@k on the ID test when k > 0."""
         result = {"id_accuracy": None, "ood_accuracy": None}
         if not cfg.skip_test:
-            result["id_accuracy"], pass_k = evaluate(model, tok, splits["test"], cfg, eos, k)
+            result.update(evaluate(model, tok, splits["test"], cfg, eos, k))
+            result["id_accuracy"] = result.pop("accuracy")
             if "test_ood" in splits:
-                result["ood_accuracy"] = evaluate(model, tok, splits["test_ood"], cfg, eos)[0]
-            if k:
-                result[f"pass@{k}"] = pass_k
+                result["ood_accuracy"] = evaluate(model, tok, splits["test_ood"], cfg, eos)["accuracy"]
         return result
 
     if cfg.eval_only:
@@ -390,8 +391,9 @@ def main(cfg: Config):
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    controller = amft.MuController(method, cfg.mu0, cfg.mu_min, cfg.mu_max, cfg.eta_meta, cfg.eta_H, cfg.meta_every,
-                                   None if math.isnan(cfg.H_target) else cfg.H_target)
+    controller = amft.MuController(method, mu0=cfg.mu0, mu_min=cfg.mu_min, mu_max=cfg.mu_max, eta_meta=cfg.eta_meta,
+                                   eta_H=cfg.eta_H, meta_every=cfg.meta_every,
+                                   H_target=None if math.isnan(cfg.H_target) else cfg.H_target)
     alpha = cfg.meta_alpha or cfg.lr
     train_rows, val_rows = splits["train"], splits["val"]
     ref_model = None
@@ -439,7 +441,7 @@ def main(cfg: Config):
                 roll, r = rollouts(model, tok, rows, cfg, eos)                                   # r: (B, G)
                 A, A_demo, m["frac_zero_std"] = amft.advantages(r, demo_rewards(rows, method))  # (B*G,), (B,)
                 ref_model = reference(model, ref_model, cfg.beta)
-                rl = rl_backward(model, ref_model, roll, A.to(device), cfg, method.shaped, demos, A_demo)
+                rl = rl_backward(model, ref_model, roll, A=A.to(device), cfg=cfg, shaped=method.shaped, demos=demos, A_demo=A_demo)
                 g_rl, H = take_grads(params), rl.pop("entropy")
                 m.update(rl_loss=rl.pop("loss"), entropy=H, reward_mean=r.mean().item(), reward_std=r.std().item(),
                          completion_len=roll.mask.sum(1).mean().item(), **rl)
@@ -449,7 +451,8 @@ def main(cfg: Config):
                 dU = None
                 if finite and controller.meta_due(step - cfg.warmup):
                     val = val_rng.sample(val_rows, min(cfg.val_prompts, len(val_rows)))
-                    dU, m["val_reward"] = meta_gradient(model, tok, val, params, g_rl, g_sft, controller.mu, alpha, cfg, eos)
+                    dU, m["val_reward"] = meta_gradient(model, tok, val, params=params, g_rl=g_rl, g_sft=g_sft,
+                                                        mu=controller.mu, alpha=alpha, cfg=cfg, eos=eos)
                 m.update(controller.update(H, dU, finite))
             # ------------------------------------------------------------ parameter step on w_RL g_RL + w_SFT g_SFT
             m["w_rl"], m["w_sft"] = amft.loss_weights(method, controller.mu, H or 0.0, now.warm)
@@ -464,7 +467,7 @@ def main(cfg: Config):
             state.update(step=step + 1, samples_seen=state["samples_seen"] + n_samples)
             m.update(samples_per_s=n_samples / (time.time() - t0), samples_seen=state["samples_seen"])
             if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:  # not counted in samples_per_s
-                m["val_accuracy"] = evaluate(model, tok, val_rows, cfg, eos)[0]
+                m["val_accuracy"] = evaluate(model, tok, val_rows, cfg, eos)["accuracy"]
             log.write(json.dumps(m) + "\n")
             log.flush()
             pbar.set_postfix({k: f"{m[k]:.3f}" for k in ("mu", "reward_mean", "entropy", "sft_loss") if m[k] is not None})
