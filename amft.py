@@ -49,7 +49,7 @@ Where this departs from the paper (and the authors' code), and why:
    warm-up, unless given as a flag.
 6. Robustness the paper does not discuss: non-finite inputs never reach the controller's state
    (above); fd sizes its step h by the dtype's round-off, not a fixed 1e-3 (`fd_step`), and is
-   refused in bfloat16, where no step makes it agree with autograd.
+   refused in bfloat16, where no step makes it agree with autograd (the trainer says so).
 
 The baselines are presets of the same switches (`Method`, `METHODS`); the loop reads switches,
 never names. Their update is w_RL g_RL + w_SFT g_SFT (`loss_weights`):
@@ -334,18 +334,19 @@ def fd_step(params, g_rl, g_sft, alpha) -> float:
     probe alpha h (g_SFT - g_RL) is far below one float32 ulp of the weights, and fd returns 0 or
     the wrong sign. h is a length along mu, so we size it by what it does to the weights: the
     largest relative change of any weight tensor, alpha h RMS(g_SFT - g_RL) / RMS(theta), is
-    sqrt(eps) of the dtype (1.5e-8 in float64, 3.5e-4 in float32). Measured on the tiny model,
-    fd's error against autograd is then about 1e-8 (float64) and 1e-4 (float32) relative, at
-    alpha = 1e-3 and 1e-6 alike. In bfloat16 (sqrt(eps) = 0.09) no step is both above round-off
-    and small enough for U to be linear: the error is 20% or more at every step we tried, so
-    the trainer refuses fd in bfloat16."""
+    delta = 0.1 eps^(1/3) (eps^(1/3) balances round-off against curvature in a central
+    difference; the 0.1 because U's curvature in the weights is large): 6e-7 in float64, 5e-4
+    in float32. Measured on the tiny model, fd's error against autograd is then about 1e-9
+    (float64) and 6e-4 (float32) relative, at alpha = 1e-3 and 1e-6 alike. In bfloat16 no
+    step is both above round-off and small enough for U to be linear (20% error or more at every
+    step we tried), so the trainer refuses fd there."""
     p0 = next(iter(params.values()))
     rms = lambda t: float(t.detach().double().pow(2).mean().sqrt())
     n = sum(p.numel() for p in params.values())
     theta_rms = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params.values()) / n)
     ratios = [(rms(params[k]) or theta_rms or 1.0) / (alpha * rms(g_sft[k].double() - g_rl[k].double()))
               for k in g_rl if k in g_sft and alpha * rms(g_sft[k].double() - g_rl[k].double()) > 0]
-    return math.sqrt(torch.finfo(p0.dtype).eps) * min(ratios, default=1.0)
+    return 0.1 * torch.finfo(p0.dtype).eps ** (1 / 3) * min(ratios, default=1.0)
 
 
 @torch.no_grad()
