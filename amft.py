@@ -265,24 +265,27 @@ class MuController:
     def metrics(self) -> dict:
         return {"mu": self.mu if self.mixes else None, "H_target": self.H_target, "meta_grad": None}
 
-    def meta_due(self, k: int) -> bool:
-        return self.meta_term and k % self.every == 0
+    def meta_due(self, k: int, H: float) -> bool:
+        """Is dU/dmu wanted at main-phase step k? Not when the entropy is non-finite: the
+        update would be refused anyway."""
+        return self.meta_term and k % self.every == 0 and math.isfinite(H)
 
     def update(self, H: float, dU_dmu=None, losses_finite: bool = True) -> dict:
-        """One step: set H_target on the first call, then move mu. Every input is checked
-        first; if any is non-finite nothing changes and the step counts as rejected."""
-        inputs = [H] + ([dU_dmu] if dU_dmu is not None else [])
-        if not losses_finite or not all(math.isfinite(x) for x in inputs):
+        """One step: set H_target on the first call, then move mu. Every input, and every new
+        value computed from them, is checked before anything is stored; if one is non-finite
+        nothing changes and the step counts as rejected."""
+        H_target = H if self.H_target is None else self.H_target  # the warmed-up policy's entropy
+        g_H = entropy_signal(H_target, H) if self.entropy_term else 0.0
+        g_meta, v, n = 0.0, self.meta_v, self.meta_n
+        if dU_dmu is not None and math.isfinite(dU_dmu):
+            g_meta, v, n = normalize_meta_grad(dU_dmu, v, n)
+        mu = update_mu(self.mu, g_meta, g_H, self.eta_meta, self.eta_H, self.mu_min, self.mu_max)
+        new = [H, H_target, g_H, g_meta, v, mu] + ([dU_dmu] if dU_dmu is not None else [])
+        if not losses_finite or not all(math.isfinite(x) for x in new):
             self.rejected += 1
             return {"mu": self.mu, "H_target": self.H_target, "meta_grad": dU_dmu, "mu_rejected": self.rejected}
-        if self.H_target is None:
-            self.H_target = H  # the warmed-up policy's entropy on its own samples
-        g_H = entropy_signal(self.H_target, H) if self.entropy_term else 0.0
-        g_meta = 0.0
-        if dU_dmu is not None:
-            g_meta, self.meta_v, self.meta_n = normalize_meta_grad(dU_dmu, self.meta_v, self.meta_n)
-        self.mu = update_mu(self.mu, g_meta, g_H, self.eta_meta, self.eta_H, self.mu_min, self.mu_max)
-        return {"mu": self.mu, "H_target": self.H_target, "meta_grad": dU_dmu,
+        self.mu, self.H_target, self.meta_v, self.meta_n = mu, H_target, v, n
+        return {"mu": mu, "H_target": H_target, "meta_grad": dU_dmu,
                 "meta_grad_scaled": g_meta if dU_dmu is not None else None, "mu_rejected": self.rejected}
 
     def state_dict(self) -> dict:
@@ -297,9 +300,14 @@ class MuController:
 # U is a callable U(params, chunk) -> that micro-batch's share of U_sur (they add up to U_sur);
 # params maps names to tensors; chunks are the micro-batches (slices of the validation rows).
 def lookahead(params: dict, g_rl: dict, g_sft: dict, mu, alpha: float) -> dict:
-    """theta'(mu) = theta - alpha [(1 - mu) g_RL + mu g_SFT]; mu may be a tensor with grad."""
-    return {k: p - alpha * ((1 - mu) * g_rl[k] + mu * g_sft[k]) if k in g_rl else p
-            for k, p in params.items()}
+    """theta'(mu) = theta - alpha [(1 - mu) g_RL + mu g_SFT]; mu may be a tensor with grad.
+    A gradient that was not computed counts as 0."""
+    out = {}
+    for k, p in params.items():
+        if k in g_rl or k in g_sft:
+            p = p - alpha * ((1 - mu) * g_rl[k] if k in g_rl else 0) - alpha * (mu * g_sft[k] if k in g_sft else 0)
+        out[k] = p
+    return out
 
 
 def dot(a: dict, b: dict) -> torch.Tensor:
@@ -310,12 +318,14 @@ def meta_grad_first_order(U, params, g_rl, g_sft, mu, alpha, chunks) -> float:
     """The paper's estimate: dU/dmu ~ -alpha <grad U(theta), g_SFT - g_RL>. grad U is
     accumulated in the parameters' .grad, which is handed back as it was."""
     saved = {k: p.grad for k, p in params.items()}
-    for p in params.values():
-        p.grad = None
-    accumulate(lambda chunk: (U(params, chunk), {}), chunks)
     grad_U = {}
-    for k, p in params.items():
-        grad_U[k], p.grad = p.grad, saved[k]
+    try:
+        for p in params.values():
+            p.grad = None
+        accumulate(lambda chunk: (U(params, chunk), {}), chunks)
+    finally:
+        for k, p in params.items():
+            grad_U[k], p.grad = p.grad, saved[k]
     return (-alpha * (dot(grad_U, g_sft) - dot(grad_U, g_rl))).item()
 
 
@@ -344,8 +354,8 @@ def fd_step(params, g_rl, g_sft, alpha) -> float:
     rms = lambda t: float(t.detach().double().pow(2).mean().sqrt())
     n = sum(p.numel() for p in params.values())
     theta_rms = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params.values()) / n)
-    ratios = [(rms(params[k]) or theta_rms or 1.0) / (alpha * rms(g_sft[k].double() - g_rl[k].double()))
-              for k in g_rl if k in g_sft and alpha * rms(g_sft[k].double() - g_rl[k].double()) > 0]
+    diff = {k: g_sft.get(k, 0) - g_rl.get(k, 0) for k in set(g_rl) | set(g_sft)}  # dtheta'/dmu = -alpha diff
+    ratios = [(rms(params[k]) or theta_rms or 1.0) / (alpha * rms(d)) for k, d in diff.items() if alpha * rms(d) > 0]
     return 0.1 * torch.finfo(p0.dtype).eps ** (1 / 3) * min(ratios, default=1.0)
 
 

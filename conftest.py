@@ -55,9 +55,9 @@ def math_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def warm_path(tmp_path_factory):
-    """The default tiny model after 120 SFT steps on General Points: it solves some hands, so
+    """The default tiny model after 200 SFT steps on General Points: it solves some hands, so
     rewards differ within groups and the meta-gradient is not zero."""
     import train
     out = tmp_path_factory.mktemp("warm") / "run"
-    train.main(train.Config(method="sft", steps=120, eval_every=1000, save_every=0, skip_test=True, out=str(out)))
+    train.main(train.Config(method="sft", steps=200, eval_every=1000, save_every=0, skip_test=True, out=str(out)))
     return str(out / "model")

@@ -172,6 +172,15 @@ def test_grpo_clip_both_signs():
     assert g[0, 1] == 0 and g[0, 0].item() == pytest.approx(math.e / 2)
 
 
+def test_clip_fraction_adds_up_over_micro_batches():
+    torch.manual_seed(0)
+    logp, old = torch.randn(6, 5) * 0.3, torch.randn(6, 5) * 0.3  # many ratios outside [0.8, 1.28]
+    A, mask = torch.randn(6), (torch.rand(6, 5) > 0.3).float()
+    _, whole = amft.grpo_loss(logp, old, A, mask)
+    parts = [amft.grpo_loss(logp[s], old[s], A[s], mask[s], denom=mask.sum())[1]["clip_frac"] for s in (slice(0, 2), slice(2, 6))]
+    assert 0.1 < whole["clip_frac"] < 0.9 and sum(parts) == pytest.approx(whole["clip_frac"])
+
+
 def test_k3_kl_per_token_and_its_expectation():
     # per token: exp(ref - logp) - (ref - logp) - 1 (k1 = logp - ref would give 1.5 here)
     logp, ref = torch.tensor([[0.0, 0.0]]), torch.tensor([[-1.0, -2.0]])
@@ -261,6 +270,8 @@ def test_non_finite_input_leaves_the_controller_unchanged(bad, value):
     assert after["rejected"] == 1 and m["mu_rejected"] == 1 and m["mu"] == before["mu"]
     c.update(H=0.5, dU_dmu=1e-6)          # and it goes on
     assert math.isfinite(c.mu) and c.mu != before["mu"] and c.meta_n == 3
+    # a huge but finite dU/dmu whose square overflows the RMS is refused too
+    assert c.update(H=0.5, dU_dmu=1e200)["mu_rejected"] == 2 and math.isfinite(c.meta_v)
     # a NaN entropy on the very first main step does not become the target
     first = _controller()
     first.update(H=float("nan"))

@@ -60,7 +60,7 @@ def test_cli_smoke_run_writes_outputs(tmp_path):
 @pytest.mark.parametrize("method", list(amft.METHODS))
 def test_every_method_runs_and_uses_its_rule(tmp_path, warm_path, method):
     summary, lines, _ = run(tmp_path, model=warm_path, method=method, steps=4, warmup=2, meta_every=1,
-                            **dict(SMALL, group_size=4, val_prompts=8))
+                            **dict(SMALL, group_size=4, max_new_tokens=16, val_prompts=16))
     rule = amft.METHODS[method]
     main = [m for m in lines if m["phase"] == "main"]
     assert len(main) == (2 if rule.warmup else 4) and all(m["w_rl"] == 0 and m["w_sft"] == 1 for m in lines[:4 - len(main)])
@@ -85,7 +85,7 @@ def test_loop_reads_switches_not_method_names():
 def test_meta_gradient_in_the_loop_is_nonzero_and_autograd_equals_fd_float64(tmp_path, warm_path):
     # a model that solves some hands: validation rewards differ within groups, so dU/dmu != 0
     common = ["--model", warm_path, "--method", "amft-no-entropy", "--dtype", "float64", "--warmup", "0", "--steps", "1",
-              "--meta-every", "1", "--batch-size", "4", "--group-size", "4", "--val-prompts", "6", "--skip-test"]
+              "--meta-every", "1", "--batch-size", "4", "--group-size", "4", "--val-prompts", "16", "--skip-test"]
     first = {}
     for name in ("autograd", "fd"):
         out = tmp_path / name
@@ -94,7 +94,7 @@ def test_meta_gradient_in_the_loop_is_nonzero_and_autograd_equals_fd_float64(tmp
         first[name] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     # the same step with the meta-gradient's validation pass in micro-batches of 5 sequences
     _, lines, _ = run(tmp_path, "micro", model=warm_path, method="amft-no-entropy", dtype="float64", warmup=0, steps=1,
-                      meta_every=1, batch_size=4, group_size=4, val_prompts=6, meta_grad="autograd", micro_batch=5)
+                      meta_every=1, batch_size=4, group_size=4, val_prompts=16, meta_grad="autograd", micro_batch=5)
     first["autograd-micro"] = lines[0]
     exact = first["autograd"]["meta_grad"]
     assert 0 < first["autograd"]["val_reward"] < 1 and exact != 0 and first["autograd"]["mu"] != 0.8
@@ -113,10 +113,10 @@ def test_non_finite_entropy_loss_and_meta_gradient_in_the_loop(tmp_path, warm_pa
         out["loss"] = math.nan if calls["rl"] == 4 else out["loss"]
         return out
 
-    def meta_gradient(*args, **kw):  # main step 3: dU/dmu NaN
+    def meta_gradient(*args, **kw):  # main step 3: dU/dmu NaN (none is computed at step 2: its entropy is NaN)
         dU, val_reward = real_meta(*args, **kw)
         calls["meta"] += 1
-        return (math.nan if calls["meta"] == 3 else dU), val_reward
+        return (math.nan if calls["meta"] == 2 else dU), val_reward
     monkeypatch.setattr(train, "rl_backward", rl_backward)
     monkeypatch.setattr(train, "meta_gradient", meta_gradient)
     summary, lines, _ = run(tmp_path, model=warm_path, method="amft", steps=7, warmup=1, meta_every=1, **SMALL)
@@ -125,6 +125,7 @@ def test_non_finite_entropy_loss_and_meta_gradient_in_the_loop(tmp_path, warm_pa
     assert mu[2] == mu[1] and mu[3] == mu[1] and mu[4] == mu[1] and mu[5] != mu[4]
     assert [m["mu_rejected"] for m in lines[1:]] == [0, 1, 2, 3, 3, 3] and summary["mu_rejected"] == 3
     assert lines[4]["skipped"] and not lines[5]["skipped"] and lines[4]["meta_grad"] is None  # no meta-gradient on a bad step
+    assert lines[2]["meta_grad"] is None and math.isnan(lines[3]["meta_grad"]) and calls["meta"] == 4
     assert all(m["H_target"] == lines[1]["entropy"] for m in lines[2:]) and math.isfinite(lines[5]["meta_grad_scaled"])
 
 
@@ -135,6 +136,18 @@ def test_ablations_see_the_same_training_hands_in_the_same_order(tmp_path, tiny_
                           meta_every=1, **SMALL)
         crc[method, seed] = [m["prompts_crc32"] for m in lines]
     assert crc["amft", 0] == crc["amft-no-meta", 0] == crc["fixed-mix", 0] != crc["amft", 1]
+
+
+def test_a_meta_gradient_draws_nothing_from_the_training_rollouts_stream(tmp_path, tiny_path):
+    # a random model earns no validation reward, so dU/dmu = 0 and mu stays: amft-no-entropy
+    # must then train exactly like fixed-mix, although it samples validation rollouts every step
+    keys = ("rl_loss", "sft_loss", "entropy", "completion_len", "mu", "grad_norm")
+    runs = {}
+    for method in ("amft-no-entropy", "fixed-mix"):
+        _, lines, _ = run(tmp_path, method, model=tiny_path, method=method, steps=6, warmup=1, meta_every=1, **SMALL)
+        runs[method] = [{k: m.get(k) for k in keys} for m in lines]
+        assert method == "fixed-mix" or all(m["meta_grad"] == 0 for m in lines[1:])
+    assert runs["amft-no-entropy"] == runs["fixed-mix"]
 
 
 def test_micro_batches_give_the_same_gradients_losses_and_metrics(tiny64):
@@ -277,10 +290,13 @@ def test_help_lists_every_flag():
     (dict(mu_min=0.9, mu_max=0.1), "mu bounds"),
     (dict(mu_max=1.5), "mu bounds"),
     (dict(group_size=1), "at least 2"),
-    (dict(eta_meta=-0.1), "must be >= 0"),
-    (dict(eta_H=-1.0), "must be >= 0"),
-    (dict(meta_alpha=-1e-3), "must be >= 0"),
+    (dict(eta_meta=-0.1), "must be finite and >= 0"),
+    (dict(eta_H=-1.0), "must be finite and >= 0"),
+    (dict(meta_alpha=-1e-3), "must be finite and >= 0"),
     (dict(max_bad_steps=0), "must be >= 1"),
+    (dict(eta_H=math.inf), "must be finite"),
+    (dict(H_target=math.inf), "--H-target"),
+    (dict(lr=math.inf), "--lr must be finite"),
 ])
 def test_impossible_settings_are_refused_at_the_door(tmp_path, settings, message):
     with pytest.raises(train.UsageError, match=message):
@@ -293,7 +309,7 @@ def test_impossible_settings_are_refused_at_the_door(tmp_path, settings, message
     (["--method", "magic"], "--method"),
     (["--task", "/no/such/file.jsonl"], "existing file"),
     (["--meta-grad", "fd", "--dtype", "bfloat16"], "refused in bfloat16"),
-    (["--eta-H", "-0.5"], "must be >= 0"),
+    (["--eta-H", "-0.5"], "must be finite and >= 0"),
 ])
 def test_bad_input_one_line_error_and_no_output(tmp_path, args, message):
     out = tmp_path / "run"

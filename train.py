@@ -9,8 +9,8 @@ Train a causal LM with AMFT (or a baseline) and evaluate it. One linear loop, no
     python train.py --help                   # every flag, generated from Config below
 
 Each step, in the loop's order (after an SFT-only warm-up of --warmup steps):
-    demonstrations -> g_SFT = grad L_SFT
     sample G completions per prompt -> reward -> group advantages -> g_RL = grad L_RL
+    demonstrations -> g_SFT = grad L_SFT
     mu update (entropy term every step; meta-gradient dU/dmu every K steps)
     -> parameters step on (1 - mu) g_RL + mu g_SFT -> log, evaluate, checkpoint
 A method (amft.METHODS) is a record of switches: which of these parts run, and how the two
@@ -125,14 +125,15 @@ def check(cfg: Config):
         (cfg.sampler in ("generate", "loop", "compiled"), "--sampler must be generate, loop or compiled"),
         (0 <= cfg.mu_min <= cfg.mu_max <= 1, "mu bounds must satisfy 0 <= --mu-min <= --mu-max <= 1"),
         (0 <= cfg.mu0 <= 1, "--mu0 must be in [0, 1]"),
-        (cfg.eta_meta >= 0 and cfg.eta_H >= 0 and cfg.meta_alpha >= 0,
-         "--eta-meta, --eta-H and --meta-alpha must be >= 0 (the signs are fixed by the algorithm)"),
+        (all(math.isfinite(x) and x >= 0 for x in (cfg.eta_meta, cfg.eta_H, cfg.meta_alpha)),
+         "--eta-meta, --eta-H and --meta-alpha must be finite and >= 0 (the signs are fixed by the algorithm)"),
+        (math.isnan(cfg.H_target) or (math.isfinite(cfg.H_target) and cfg.H_target >= 0), "--H-target must be >= 0 (or nan: measure it)"),
         (cfg.group_size >= 2, "--group-size (G) must be at least 2: advantages compare samples of one prompt"),
         (cfg.steps >= 1 and cfg.batch_size >= 1 and cfg.max_new_tokens >= 0, "--steps and --batch-size must be >= 1"),
         (min(cfg.warmup, cfg.micro_batch, cfg.pass_k, cfg.save_every, cfg.lora_r) >= 0, "counts must be >= 0"),
         (min(cfg.meta_every, cfg.eval_every, cfg.val_prompts, cfg.eval_batch, cfg.max_bad_steps) >= 1,
          "--meta-every, --eval-every, --val-prompts, --eval-batch, --max-bad-steps must be >= 1"),
-        (cfg.temperature > 0 and cfg.lr > 0, "--temperature and --lr must be > 0"),
+        (0 < cfg.temperature < math.inf and 0 < cfg.lr < math.inf, "--temperature and --lr must be finite and > 0"),
         (1 <= cfg.cards <= 5, "--cards must be between 1 and 5"),
     ]
     for ok, message in rules:
@@ -219,8 +220,8 @@ def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo
         if ref_model is not None:
             with torch.no_grad():
                 ref_logp = policy.token_logprobs(ref_model, ids[sl], attn[sl], cfg.temperature, n_last=C)
-        loss, metrics = amft.grpo_loss(logp, logp.detach(), A[sl], mask[sl], cfg.eps_low, cfg.eps_high, cfg.beta,
-                                       ref_logp, denom=denom, n_tokens=n_tokens)
+        loss, metrics = amft.grpo_loss(logp, logp.detach(), A[sl], mask[sl], eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                       beta=cfg.beta, ref_logp=ref_logp, denom=denom, n_tokens=n_tokens)
         return loss, dict(metrics, entropy=(entropy * mask[sl]).sum() / n_tokens)
 
     def demo_loss(sl):
@@ -314,17 +315,54 @@ def load_checkpoint(path, model, opt):
     try:
         saved = torch.load(file, weights_only=True)
         opt.load_state_dict(saved["optimizer"])
-    except pickle.UnpicklingError:
-        raise UsageError(f"{file} holds objects other than tensors and plain data; refusing to load it "
-                         f"(it may run code). Only resume checkpoints written by train.py") from None
+        ref_model = None
+        if saved["ref"] is not None:
+            ref_model = policy.frozen_copy(model)
+            ref_model.load_state_dict(saved["ref"])
+        return saved["state"], ref_model
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UsageError(f"{file} holds objects other than tensors and plain data; refusing to load it "
+                             f"(it could run code). Only resume checkpoints written by train.py") from None
+        raise UsageError(f"{file} is damaged and cannot be read ({_first_line(e)})") from None
     except Exception as e:
-        raise UsageError(f"{file} is damaged and cannot be read ({type(e).__name__}: "
-                         f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
-    ref_model = None
-    if saved["ref"] is not None:
-        ref_model = policy.frozen_copy(model)
-        ref_model.load_state_dict(saved["ref"])
-    return saved["state"], ref_model
+        raise UsageError(f"{file} is damaged and cannot be read ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+
+
+def keep_metrics_before(path, step: int):
+    """On resume: drop the metrics lines logged after the checkpoint (and a line a crash tore)."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] < step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+@contextlib.contextmanager
+def torch_stream(stream: dict):
+    """Run a block on its own torch random stream: torch's generators (CPU and CUDA) start from
+    `stream`, their state is saved back to it at the end, and outside the block they continue
+    as if it had not run. The meta-gradient's validation rollouts use one, so turning the
+    meta-gradient on or off leaves the training rollouts' stream alone."""
+    devices = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=devices):
+        if stream.get("cpu") is None:
+            torch.manual_seed(stream["seed"])
+        else:
+            torch.set_rng_state(stream["cpu"])
+            if devices and stream.get("cuda") is not None:
+                torch.cuda.set_rng_state_all(stream["cuda"])
+        yield
+        stream.update(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if devices else None)
 
 
 @contextlib.contextmanager
@@ -348,9 +386,10 @@ def main(cfg: Config):
     check(cfg)
     t_start = time.time()
     method = amft.METHODS[cfg.method]
-    torch.manual_seed(cfg.seed)                     # rollout sampling: torch's generator
+    torch.manual_seed(cfg.seed)                     # training rollouts: torch's generator
     data_rng = random.Random(f"data-{cfg.seed}")    # training order and card orders
     val_rng = random.Random(f"val-{cfg.seed}")      # validation prompts of the meta-gradient
+    val_stream = {"seed": cfg.seed + 1_000_003}     # ... and their rollouts (torch_stream)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     try:
         splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target)
@@ -387,7 +426,6 @@ def main(cfg: Config):
         atomic_json(summary, os.path.join(out, "summary.json"))
         print(json.dumps(summary))
         return summary
-    atomic_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -401,16 +439,19 @@ def main(cfg: Config):
     state = {"step": 0, "bad_in_row": 0, "skipped": 0, "samples_seen": 0, "order": [], "before": None}
     if cfg.resume:
         state, ref_model = load_checkpoint(os.path.join(out, "checkpoint"), model, opt)
-        controller.load_state_dict(state["controller"])
-        data_rng.setstate(state["rng"]["data"])
-        val_rng.setstate(state["rng"]["val"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        with open(os.path.join(out, "metrics.jsonl")) as f:  # drop lines logged after the checkpoint
-            kept = [line for line in f if json.loads(line)["step"] < state["step"]]
-        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-            f.writelines(kept)
+        try:
+            controller.load_state_dict(state["controller"])
+            data_rng.setstate(state["rng"]["data"])
+            val_rng.setstate(state["rng"]["val"])
+            val_stream.update(state["rng"]["val_torch"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        except Exception as e:
+            raise UsageError(f"{out}/checkpoint/trainer_state.pt is damaged ({_first_line(e)})") from None
+        if os.path.isfile(os.path.join(out, "metrics.jsonl")):
+            keep_metrics_before(os.path.join(out, "metrics.jsonl"), state["step"])
+    atomic_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))  # (after a resume is known to work)
     if state["before"] is None:
         state["before"] = test_all()
     print(f"{cfg.method}: {len(train_rows)} train / {len(val_rows)} val / {len(splits['test'])} test prompts; "
@@ -418,7 +459,7 @@ def main(cfg: Config):
 
     def checkpoint():
         state.update(controller=controller.state_dict(), rng={
-            "data": data_rng.getstate(), "val": val_rng.getstate(), "torch": torch.get_rng_state(),
+            "data": data_rng.getstate(), "val": val_rng.getstate(), "val_torch": val_stream, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
         save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
 
@@ -432,10 +473,6 @@ def main(cfg: Config):
             m = dict(step=step, phase=now.name, **controller.metrics(), **dict.fromkeys(METRICS),
                      prompts_crc32=zlib.crc32("\n".join(r["prompt"] for r in rows).encode()))
             g_sft, g_rl, H = {}, {}, None
-            # ------------------------------------------------------------ SFT gradient on the demonstrations
-            if now.sft:
-                m["sft_loss"] = sft_backward(model, demos, cfg.micro_batch)
-                g_sft = take_grads(params)
             # ------------------------------------------------------------ sample -> reward -> advantages -> RL gradient
             if now.rl:
                 roll, r = rollouts(model, tok, rows, cfg, eos)                                   # r: (B, G)
@@ -445,14 +482,19 @@ def main(cfg: Config):
                 g_rl, H = take_grads(params), rl.pop("entropy")
                 m.update(rl_loss=rl.pop("loss"), entropy=H, reward_mean=r.mean().item(), reward_std=r.std().item(),
                          completion_len=roll.mask.sum(1).mean().item(), **rl)
+            # ------------------------------------------------------------ SFT gradient on the demonstrations
+            if now.sft:
+                m["sft_loss"] = sft_backward(model, demos, cfg.micro_batch)
+                g_sft = take_grads(params)
             finite = all(math.isfinite(m[k]) for k in ("sft_loss", "rl_loss") if m[k] is not None)
             # ------------------------------------------------------------ mu: entropy term, meta-gradient every K steps
             if now.rl and method.mixes:
                 dU = None
-                if finite and controller.meta_due(step - cfg.warmup):
+                if finite and controller.meta_due(step - cfg.warmup, H):
                     val = val_rng.sample(val_rows, min(cfg.val_prompts, len(val_rows)))
-                    dU, m["val_reward"] = meta_gradient(model, tok, val, params=params, g_rl=g_rl, g_sft=g_sft,
-                                                        mu=controller.mu, alpha=alpha, cfg=cfg, eos=eos)
+                    with torch_stream(val_stream):
+                        dU, m["val_reward"] = meta_gradient(model, tok, val, params=params, g_rl=g_rl, g_sft=g_sft,
+                                                            mu=controller.mu, alpha=alpha, cfg=cfg, eos=eos)
                 m.update(controller.update(H, dU, finite))
             # ------------------------------------------------------------ parameter step on w_RL g_RL + w_SFT g_SFT
             m["w_rl"], m["w_sft"] = amft.loss_weights(method, controller.mu, H or 0.0, now.warm)
