@@ -188,10 +188,7 @@ def sample(model, tok, prompts: list, G: int, temperature: float = 1.0, max_new_
     attn = enc.attention_mask.repeat_interleave(G, 0).to(device)     # (B*G, P)
     eos = eos or eos_ids(tok, model)
     if sampler == "generate":
-        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-        out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=tok.pad_token_id, **kwargs)
-        completions = out[:, ids.shape[1]:]                           # (B*G, C)
+        completions = _generate(model, ids, attn, max_new_tokens, temperature, eos, tok.pad_token_id, greedy)
     else:
         completions = decode_loop(model, ids, attn, max_new_tokens, temperature, eos, tok.pad_token_id,
                                   greedy, compiled=sampler == "compiled")
@@ -200,6 +197,24 @@ def sample(model, tok, prompts: list, G: int, temperature: float = 1.0, max_new_
     texts = tok.batch_decode([c[:n] for c, n in zip(completions.tolist(), lengths)],
                              skip_special_tokens=True)
     return Rollout(ids, attn, completions, mask, texts)
+
+
+def _generate(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy):
+    """transformers' generate, drawing from softmax(logits / temperature) and nothing else. A
+    checkpoint's generation_config.json may set top-k, top-p, min-p, repetition or n-gram
+    penalties, suppressed or forced tokens (Qwen2.5-Instruct ships repetition_penalty 1.05 and
+    top-k/top-p), and generate() fills every setting we leave unset from it; the GRPO ratio and
+    U's surrogate would then score samples from another distribution. So for the call the
+    model's generation config is a blank one, and ours sets temperature only."""
+    from transformers import GenerationConfig
+    plain = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, do_sample=not greedy,
+                             top_k=0, top_p=1.0, **({} if greedy else {"temperature": temperature}))
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=plain)
+    finally:
+        model.generation_config = saved
+    return out[:, ids.shape[1]:]                                      # (B*G, C)
 
 
 _compiled_steps = {}

@@ -103,6 +103,41 @@ def test_decode_loop_draws_the_same_tokens_as_generate(tiny_path, greedy):
     assert torch.equal(outs["generate"].mask, outs["loop"].mask) and outs["generate"].texts == outs["loop"].texts
 
 
+def test_sampling_ignores_the_checkpoints_generation_settings(tmp_path, tiny_path):
+    # a checkpoint whose generation_config.json sets processors (as Qwen2.5-Instruct's does):
+    # rollouts must still be drawn from softmax(logits / temperature), the distribution we score
+    from transformers import GenerationConfig
+    model, tok = policy.load_policy(tiny_path)
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.2, top_k=3, top_p=0.5, min_p=0.2,
+                                               repetition_penalty=1.8, no_repeat_ngram_size=2,
+                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    model, tok = policy.load_policy(str(tmp_path / "m"))
+    assert model.generation_config.repetition_penalty == 1.8 and model.generation_config.top_k == 3
+    prompts = ["4 3 3; J,Q,K=10; 10=", "ab"]
+    outs = {}
+    for sampler in ("generate", "loop"):
+        for greedy in (False, True):
+            torch.manual_seed(5)
+            outs[sampler, greedy] = policy.sample(model, tok, prompts, G=8, temperature=0.9, max_new_tokens=12,
+                                                  greedy=greedy, sampler=sampler, eos=[tok.eos_token_id])
+    for greedy in (False, True):
+        assert torch.equal(outs["generate", greedy].completions, outs["loop", greedy].completions)
+    # the file's settings are real: generate() left to them draws other tokens ...
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(5)
+    raw = model.generate(input_ids=enc.input_ids.repeat_interleave(8, 0), attention_mask=enc.attention_mask.repeat_interleave(8, 0),
+                         max_new_tokens=12, temperature=0.9)
+    ours = outs["generate", False].completions
+    assert raw.shape[1] - enc.input_ids.shape[1] != ours.shape[1] or not torch.equal(raw[:, enc.input_ids.shape[1]:], ours)
+    # ... and ours reach outside the top 3 of the model's next-token distribution, which top_k=3 forbids
+    first = ours[:8, 0]
+    ids = tok(prompts[:1], return_tensors="pt", add_special_tokens=False).input_ids
+    top3 = model(ids).logits[0, -1].topk(3).indices
+    assert not torch.isin(first, top3).all()
+
+
 def test_pad_is_no_padding_idx_and_gets_input_gradient(tiny_path):
     # the policy can sample <pad>; as the embedding's padding_idx its input row would get no gradient
     model, tok = policy.load_policy(tiny_path, dtype=torch.float64)
