@@ -42,11 +42,25 @@ def card_value(rank: str, rule: str) -> int:
     return 1 if rank == "A" else int(rank)
 
 
-def make_prompt(cards, target: int, rule: str) -> str:
-    """Compact, for a model that reads one character per token: '2 J 5; J,Q,K=10; 10=' asks for
-    a formula that completes the equation, e.g. '5+10/2'. Every token of the prompt is paid for
-    G times per step in the RL passes, so it carries the cards, the rule and the target only."""
-    return f"{' '.join(cards)}; {RULE_TEXT[rule]}; {target}="
+PLAIN_RULE = {"id": "J, Q and K count as 10", "ood": "J counts as 11, Q as 12 and K as 13"}
+
+
+def make_prompt(cards, target: int, rule: str, style: str = "compact") -> str:
+    """The question, in one of two styles.
+    compact (the tiny model, one character per token): '2 J 5; J,Q,K=10; 10=' asks for a formula
+      that completes the equation, e.g. '5+10/2'. Every prompt token is paid for G times per step
+      in the RL passes, so it carries the cards, the rule and the target only.
+    plain (pretrained models): the same in words, with the answer asked for in \boxed{}."""
+    if style == "compact":
+        return f"{' '.join(cards)}; {RULE_TEXT[rule]}; {target}="
+    return (f"Cards: {', '.join(cards)}. A counts as 1, 2 to 10 count as their number, and {PLAIN_RULE[rule]}. "
+            f"Write one arithmetic formula that uses the value of each card exactly once, with +, -, *, / and "
+            f"parentheses, and equals {target}. Put the formula in \\boxed{{}}, for example \\boxed{{(1+2)*3}}.")
+
+
+def make_demo(formula: str, target: int, style: str = "compact") -> str:
+    """The demonstration: the formula itself (compact), or the formula, its value and the box (plain)."""
+    return formula if style == "compact" else f"{formula} = {target}\n\\boxed{{{formula}}}"
 
 
 # ---------------------------------------------------------------------------- solver
@@ -84,7 +98,7 @@ def reshuffle(row: dict, rng: random.Random) -> dict:
         return row
     cards = list(row["cards"])
     rng.shuffle(cards)
-    return _row(cards, row["target"], row["rule"])[0]  # a hand solvable in one order is in all
+    return _row(cards, row["target"], row["rule"], row["style"])[0]  # a hand solvable in one order is in all
 
 
 # ---------------------------------------------------------------------------- splits
@@ -93,7 +107,7 @@ def all_hands(n_cards: int):
     return list(itertools.combinations_with_replacement(RANKS, n_cards))
 
 
-def general_points_rows(hands, target: int, rule: str, rng: random.Random, orders: int = 1):
+def general_points_rows(hands, target: int, rule: str, rng: random.Random, orders: int = 1, style="compact"):
     """Rows for the solvable hands, each hand shown in up to `orders` distinct card orders
     (test splits use several, so accuracy is measured on more prompts without more hands)."""
     rows = []
@@ -101,20 +115,20 @@ def general_points_rows(hands, target: int, rule: str, rng: random.Random, order
         perms = sorted(set(itertools.permutations(hand)))
         rng.shuffle(perms)
         for cards in perms[:orders]:
-            rows += _row(list(cards), target, rule)
+            rows += _row(list(cards), target, rule, style)
     return rows
 
 
-def _row(cards, target, rule):
+def _row(cards, target, rule, style="compact"):
     values = [card_value(c, rule) for c in cards]
-    demo = solve(values, target)
-    if demo is None:
+    formula = solve(values, target)
+    if formula is None:
         return []
-    return [{"prompt": make_prompt(cards, target, rule), "demo": demo, "values": values,
-             "target": target, "cards": cards, "rule": rule}]
+    return [{"prompt": make_prompt(cards, target, rule, style), "demo": make_demo(formula, target, style),
+             "values": values, "target": target, "cards": cards, "rule": rule, "style": style}]
 
 
-def split_hands(hands, target: int, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_orders=6):
+def split_hands(hands, target: int, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_orders=6, style="compact"):
     """{'train', 'val', 'test', 'test_ood'} lists of rows. Hands are shuffled with `seed` and
     split by multiset, so val and test hands never appear in train; val and test show each
     hand in up to `eval_orders` card orders. test_ood is the test hands under the OOD rule."""
@@ -123,15 +137,15 @@ def split_hands(hands, target: int, seed: int = 0, test_frac=0.2, val_frac=0.1, 
     rng.shuffle(hands)
     n_test, n_val = max(1, int(len(hands) * test_frac)), max(1, int(len(hands) * val_frac))
     test, val, train = hands[:n_test], hands[n_test:n_test + n_val], hands[n_test + n_val:]
-    return {"train": general_points_rows(train, target, "id", rng),
-            "val": general_points_rows(val, target, "id", rng, eval_orders),
-            "test": general_points_rows(test, target, "id", rng, eval_orders),
-            "test_ood": general_points_rows(test, target, "ood", rng, eval_orders)}
+    return {"train": general_points_rows(train, target, "id", rng, 1, style),
+            "val": general_points_rows(val, target, "id", rng, eval_orders, style),
+            "test": general_points_rows(test, target, "id", rng, eval_orders, style),
+            "test_ood": general_points_rows(test, target, "ood", rng, eval_orders, style)}
 
 
-def general_points(n_cards: int = 3, target: int = 10, seed: int = 0):
+def general_points(n_cards: int = 3, target: int = 10, seed: int = 0, style: str = "compact"):
     """The built-in task: every multiset of n_cards ranks, split 70/10/20."""
-    return split_hands(all_hands(n_cards), target, seed)
+    return split_hands(all_hands(n_cards), target, seed, style=style)
 
 
 # ---------------------------------------------------------------------------- math tasks
@@ -219,15 +233,16 @@ def math_task(task: str, seed: int = 0, test_frac=0.2, max_val=200):
     return {"train": train, "val": val, "test": test}
 
 
-def load_task(task: str, seed: int = 0, cards: int = 3, target: int = 10):
+def load_task(task: str, seed: int = 0, cards: int = 3, target: int = 10, style: str = "compact"):
     """Every task by name: general-points, gsm8k, math500, openr1, or a local file (a file whose
-    rows have `cards` is a General Points hand list; any other is a math dataset)."""
+    rows have `cards` is a General Points hand list; any other is a math dataset). `style` is the
+    General Points prompt (make_prompt)."""
     if task == "general-points":
-        return general_points(cards, target, seed)
+        return general_points(cards, target, seed, style)
     if task not in HUB and not os.path.isfile(task):
         raise ValueError(f"--task {task}: not general-points, {', '.join(HUB)}, or an existing file")
     if os.path.isfile(task) and task.endswith((".jsonl", ".json")) and _has_cards(task):
-        return hands_from_file(task, target, seed)
+        return hands_from_file(task, target, seed, style)
     return math_task(task, seed)
 
 
@@ -244,7 +259,7 @@ def reward(row: dict, completion: str) -> float:
     return rewards.math_reward(completion, row["answer"])
 
 
-def hands_from_file(path: str, target: int, seed: int = 0):
+def hands_from_file(path: str, target: int, seed: int = 0, style: str = "compact"):
     """Splits like general_points(), but of the hands in a local .jsonl/.json file."""
     import datasets  # imported here: only this loader needs it
     ds = datasets.load_dataset("json", data_files=path, split="train")
@@ -258,7 +273,7 @@ def hands_from_file(path: str, target: int, seed: int = 0):
             raise ValueError(f"--task {path}: row {i} 'cards' must be a list of ranks from "
                              f"{' '.join(RANKS)}, got {cards!r}")
         hands.append(tuple(str(c) for c in cards))
-    splits = split_hands(hands, target, seed)
+    splits = split_hands(hands, target, seed, style=style)
     if not splits["train"]:
         raise ValueError(f"--task {path}: no hand in the training split is solvable for "
                          f"target {target}")

@@ -32,11 +32,21 @@ _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
         ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
 
 
+_LATEX_OPS = {"\\times": "*", "\\cdot": "*", "\\div": "/", "\\left": "", "\\right": "", "×": "*", "÷": "/", "x": "*"}
+
+
 def extract_formula(completion: str) -> str:
-    """The formula is the completion's first line, up to an optional '= target'."""
-    line = completion.strip().split("\n", 1)[0] if completion.strip() else ""
+    """The formula: the content of the last \\boxed{...} when there is one (a model that reasons
+    first puts its answer there; an unclosed box is no answer), else the completion's first
+    line; in both, up to an optional '= target'."""
+    box = _last_box(completion[-MAX_TEXT_CHARS:])
+    if box is None:
+        return ""
+    line = box if box is not False else (completion.strip().split("\n", 1)[0] if completion.strip() else "")
     line = line.split("=", 1)[0]
-    return line.replace("×", "*").replace("÷", "/").replace("x", "*").strip()
+    for latex, op in _LATEX_OPS.items():
+        line = line.replace(latex, op)
+    return line.strip()
 
 
 def _evaluate(node, numbers: list, depth: int = 0) -> Fraction:
@@ -68,6 +78,8 @@ def parse_formula(formula: str):
 
 def general_points_reward(completion: str, values, target: int) -> float:
     """1.0 if the completion's formula uses each of `values` exactly once and equals target."""
+    if not isinstance(completion, str):
+        return 0.0
     parsed = parse_formula(extract_formula(completion))
     if parsed is None:
         return 0.0

@@ -3,12 +3,14 @@ Tests of the tasks and their verifiers (data.py, rewards.py), offline, in second
     HF_HUB_OFFLINE=1 python -m pytest -q test_tasks.py
 """
 import json
+import random
 import time
 from fractions import Fraction
 
 import pytest
 
 import data
+import rewards
 from rewards import answers_match, extract_answer, general_points_reward, math_reward, normalize_answer, parse_formula, parse_number
 
 
@@ -207,3 +209,29 @@ def test_math_tasks_load_from_local_files_in_each_schema(math_files):
 def test_hub_task_offline_says_how_to_use_a_local_file():
     with pytest.raises(ValueError, match=r"--task path/to/gsm8k.jsonl"):
         data.load_task("gsm8k")
+
+
+# ---------------------------------------------------------------------------- General Points for pretrained models
+def test_plain_prompt_states_the_task_and_its_demonstration_verifies():
+    splits = data.split_hands(data.all_hands(4)[::20], 24, seed=0, style="plain")  # 91 of the 1820 hands: fast
+    row = splits["train"][0]
+    for words in ("Cards: ", "exactly once", "equals 24", "\\boxed{}", "J, Q and K count as 10"):
+        assert words in row["prompt"]
+    assert "J counts as 11, Q as 12 and K as 13" in splits["test_ood"][0]["prompt"]
+    assert row["demo"].endswith("}") and "\\boxed{" in row["demo"]
+    assert all(data.reward(r, r["demo"]) == 1.0 for r in splits["train"][:200])
+    assert data.reshuffle(row, random.Random(1))["style"] == "plain"
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("(10-4)*(2+2)", 1.0),                                              # the first line, as before
+    ("Let me try 10-4 = 6 and 2+2 = 4.\nSo \\boxed{(10-4)*(2+2)}", 1.0),  # reasoning, then the box
+    ("\\boxed{(10-4)*(2+2) = 24}", 1.0),                                  # a trailing '= 24' is allowed
+    ("\\boxed{(10 - 4) \\times (2 + 2)}", 1.0),                           # LaTeX operators
+    ("\\boxed{(10-4)*(2+2)} or maybe \\boxed{10+4+2+2}", 0.0),            # only the last box counts
+    ("\\boxed{(10-4)*(2+2)", 0.0),                                        # an unclosed box is no answer
+    ("First: (10-4)*(2+2)", 0.0),                                         # no box: the first line only
+    ("\\boxed{24}", 0.0),                                                 # the value is not a formula
+])
+def test_general_points_verifier_reads_the_last_box(completion, expected):
+    assert rewards.general_points_reward(completion, [10, 4, 2, 2], 24) == expected
