@@ -28,7 +28,7 @@ from conftest import HERE, run_cli
 def run(tmp_path, name="run", **kw):
     """train.main in this process; returns its summary, metrics lines and output folder."""
     out = tmp_path / name
-    summary = train.main(train.Config(out=str(out), **{**dict(eval_every=1000, save_every=0, skip_test=True), **kw}))
+    summary = train.main(train.Config(out=str(out), **{**dict(recipe="tiny", eval_every=1000, save_every=0, skip_test=True), **kw}))
     return summary, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
 
 
@@ -84,7 +84,7 @@ def test_loop_reads_switches_not_method_names():
 
 def test_meta_gradient_in_the_loop_is_nonzero_and_autograd_equals_fd_float64(tmp_path, warm_path):
     # a model that solves some hands: validation rewards differ within groups, so dU/dmu != 0
-    common = ["--model", warm_path, "--method", "amft-no-entropy", "--dtype", "float64", "--warmup", "0", "--steps", "1",
+    common = ["--model", warm_path, "--recipe", "tiny", "--method", "amft-no-entropy", "--dtype", "float64", "--warmup", "0", "--steps", "1",
               "--meta-every", "1", "--batch-size", "4", "--group-size", "4", "--val-prompts", "16", "--skip-test"]
     first = {}
     for name in ("autograd", "fd"):
@@ -338,13 +338,13 @@ def test_diverging_run_skips_non_finite_steps_then_stops(tmp_path):
 # ---------------------------------------------------------------------------- real data, models and tools
 def test_cli_trains_saved_tiny_model_on_gsm8k_file_and_eval_only(tmp_path, tiny_path, math_files):
     out = tmp_path / "run"
-    res = run_cli("--model", tiny_path, "--task", math_files["gsm8k"], "--steps", "3", "--warmup", "1", "--batch-size", "2",
+    res = run_cli("--model", tiny_path, "--recipe", "tiny", "--task", math_files["gsm8k"], "--steps", "3", "--warmup", "1", "--batch-size", "2",
                   "--group-size", "2", "--max-new-tokens", "6", "--meta-every", "1", "--micro-batch", "2", "--grad-ckpt", "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == math_files["gsm8k"] and summary["ood_accuracy"] is None and 0 <= summary["id_accuracy"] <= 1
     assert (out / "checkpoint" / "trainer_state.pt").exists() and not (out / "checkpoint.tmp").exists()
-    res = run_cli("--eval-only", "--model", str(out / "model"), "--task", math_files["gsm8k"], "--max-new-tokens", "6",
+    res = run_cli("--eval-only", "--model", str(out / "model"), "--recipe", "tiny", "--task", math_files["gsm8k"], "--max-new-tokens", "6",
                   "--pass-k", "2", "--out", str(tmp_path / "eval"))
     assert res.returncode == 0, res.stderr[-2000:]
     ev = json.loads((tmp_path / "eval" / "summary.json").read_text())
@@ -399,3 +399,63 @@ def test_bench_quick_prints_every_row():
     assert len(result["decode"]) == 3 and all(ms > 0 and tps > 0 for _, ms, tps in result["decode"])
     assert result["train_tokens_per_s"] > 0 and set(result["steps"]) == {"fixed-mix", "amft, meta every step", "amft, meta every 20"}
     assert "x fixed-mix" in result["table"] and "x generate" in result["table"]
+
+
+# ---------------------------------------------------------------------------- a pretrained model's recipe
+@pytest.fixture(scope="module")
+def instruct_path(tmp_path_factory):
+    """A pretrained-like checkpoint, offline: a chat template ending turns with <|im_end|>, a
+    generation config that sets processors, no pad token, untied embeddings, 'Instruct' in its name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    base = policy.make_tiny_model(str(tmp_path_factory.mktemp("base")), n_layer=2, n_embd=32, n_head=2)
+    tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.pad_token = None
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    model.resize_token_embeddings(len(tok))
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05,
+                                               eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id])
+    path = tmp_path_factory.mktemp("hub") / "Tiny-Instruct"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_a_pretrained_model_resolves_to_the_pretrained_recipe(instruct_path):
+    cfg = train.parse_args(["--model", instruct_path])
+    assert train.resolve(cfg, cuda=False) == "pretrained"
+    assert (cfg.lr, cfg.warmup, cfg.meta_every, cfg.cards, cfg.target, cfg.prompt) == (1e-6, 50, 20, 4, 24, "plain")
+    assert (cfg.micro_batch, cfg.dtype, cfg.grad_ckpt, cfg.group_size) == (16, "float32", False, 8)
+    cfg = train.parse_args(["--model", "Qwen2.5-0.5B"])  # the headline command, on a GPU
+    train.resolve(cfg, cuda=True)
+    assert (cfg.recipe, cfg.lr, cfg.dtype, cfg.grad_ckpt) == ("pretrained", 1e-6, "bfloat16", True)
+    cfg = train.parse_args(["--model", "Qwen2.5-0.5B", "--lr", "3e-6", "--no-grad-ckpt", "--cards", "3"])
+    train.resolve(cfg, cuda=True)  # every explicit flag wins
+    assert (cfg.lr, cfg.grad_ckpt, cfg.cards, cfg.target) == (3e-6, False, 3, 24)
+    cfg = train.parse_args([])
+    assert train.resolve(cfg, cuda=True) == "tiny" and (cfg.lr, cfg.dtype, cfg.prompt, cfg.steps) == (1e-3, "float32", "compact", 700)
+
+
+def test_a_pretrained_like_checkpoint_trains_evaluates_and_resumes(tmp_path, instruct_path):
+    import data
+    hands = tmp_path / "hands.jsonl"  # 4-card hands (a file: the full 4-card split takes ~20 s to solve)
+    hands.write_text("\n".join(json.dumps({"cards": list(h)}) for h in data.all_hands(4)[::40]) + "\n")
+    out = tmp_path / "run"
+    budget = ["--task", str(hands), "--steps", "3", "--warmup", "1", "--batch-size", "2", "--group-size", "2",
+              "--max-new-tokens", "8", "--val-prompts", "2", "--meta-every", "1"]
+    res = run_cli("--model", instruct_path, *budget, "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "recipe: pretrained" in res.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert (config["recipe"], config["lr"], config["prompt"], config["micro_batch"], config["target"]) == ("pretrained", 1e-6, "plain", 16, 24)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["phase"] for m in lines] == ["warmup", "main", "main"] and lines[1]["rl_loss"] is not None
+    assert json.loads((out / "summary.json").read_text())["id_accuracy"] is not None
+    res = run_cli("--resume", str(out), "--steps", "4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    res = run_cli("--model", instruct_path, *budget, "--dtype", "bfloat16", "--skip-test", "--out", str(tmp_path / "bf16"))
+    assert res.returncode == 0, res.stderr[-2000:]  # bfloat16 on a CPU: slow, but it runs

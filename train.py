@@ -48,28 +48,57 @@ def arg(default, help):
     return field(default=default, metadata={"help": help})
 
 
+# Settings left unset (None) come from the model's recipe: the tiny model trains from random
+# weights and needs a large lr, a long warm-up and a compact prompt; a pretrained model (any hub
+# id, alias or folder) gets the paper's settings (lr 1e-6, warm-up 50, K = 20) and the task in
+# plain words. Every flag given explicitly wins; config.json keeps the resolved values.
+RECIPES = {
+    "tiny": dict(steps=700, warmup=250, batch_size=16, group_size=4, gp_new_tokens=16, lr=1e-3, micro_batch=0,
+                 grad_ckpt=False, dtype="float32", meta_every=10, cards=3, target=10, prompt="compact", eval_batch=64),
+    "pretrained": dict(steps=500, warmup=50, batch_size=8, group_size=8, gp_new_tokens=256, lr=1e-6, micro_batch=16,
+                       grad_ckpt="on CUDA", dtype="bfloat16 on CUDA, else float32", meta_every=20, cards=4, target=24,
+                       prompt="plain", eval_batch=32),
+}
+
+
+def resolve(cfg, cuda: bool) -> str:
+    """Fill every setting left unset from the recipe (--recipe, or by --model: 'tiny' gets the
+    tiny recipe, anything else the pretrained one). Returns the recipe's name."""
+    name = cfg.recipe if cfg.recipe != "auto" else ("tiny" if cfg.model == "tiny" else "pretrained")
+    if name not in RECIPES:
+        raise UsageError(f"--recipe must be auto, {' or '.join(RECIPES)}")
+    on_cuda = {"on CUDA": cuda, "bfloat16 on CUDA, else float32": "bfloat16" if cuda else "float32"}
+    for key, value in RECIPES[name].items():
+        if key != "gp_new_tokens" and getattr(cfg, key) is None:
+            setattr(cfg, key, on_cuda.get(value, value) if isinstance(value, str) else value)
+    cfg.recipe = name
+    return name
+
+
 @dataclass
 class Config:
     # what to train
     model: str = arg("tiny", "'tiny' (a small Qwen2 built from a config), 'random-0.5b' (Qwen2.5-0.5B's shape, random), a hub id, an alias like Qwen2.5-0.5B, or a folder")
     method: str = arg("amft", f"one of {', '.join(amft.METHODS)}")
     task: str = arg("general-points", "general-points | gsm8k | math500 | openr1 | a .jsonl/.json/.parquet file (see data.py)")
-    cards: int = arg(3, "General Points: cards per hand (the paper's variant: 4)")
-    target: int = arg(10, "General Points: the value the formula must reach (the paper's: 24)")
+    recipe: str = arg("auto", "defaults for every setting left unset: tiny | pretrained | auto ('tiny' for --model tiny, else 'pretrained')")
+    cards: int = arg(None, "General Points: cards per hand (the paper's: 4)")
+    target: int = arg(None, "General Points: the value the formula must reach (the paper's: 24)")
+    prompt: str = arg(None, "General Points prompt: compact ('2 J 5; J,Q,K=10; 10=') | plain (in words, answer in \\boxed{})")
     chat: str = arg("auto", "use the chat template: auto (instruct/chat models) | on | off")
     # budget
-    steps: int = arg(700, "optimizer steps in all, warm-up included")
-    warmup: int = arg(250, "SFT-only steps before mixing starts (W; amft*, fixed-mix, and sft-grpo's first stage)")
-    batch_size: int = arg(16, "B: prompts per step (each has a demonstration)")
-    group_size: int = arg(4, "G: completions sampled per prompt")
-    max_new_tokens: int = arg(0, "longest completion in tokens; 0 = 16 for general-points, 512 for math")
+    steps: int = arg(None, "optimizer steps in all, warm-up included")
+    warmup: int = arg(None, "SFT-only steps before mixing starts (W; amft*, fixed-mix, and sft-grpo's first stage)")
+    batch_size: int = arg(None, "B: prompts per step (each has a demonstration)")
+    group_size: int = arg(None, "G: completions sampled per prompt")
+    max_new_tokens: int = arg(0, "longest completion in tokens; 0 = general-points 16 (tiny) or 256 (pretrained), math 512")
     temperature: float = arg(1.0, "sampling temperature; log-probs use the same one")
     # optimizer and memory
-    lr: float = arg(1e-3, "AdamW learning rate (the paper's 1e-6 is for a 7B model)")
+    lr: float = arg(None, "AdamW learning rate")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the mixed gradient to this norm")
-    micro_batch: int = arg(0, "sequences per forward/backward pass (gradients accumulate; the meta-gradient's too); 0 = all at once")
-    grad_ckpt: bool = arg(False, "gradient checkpointing: less memory, ~30% more compute")
+    micro_batch: int = arg(None, "sequences per forward/backward pass (gradients accumulate; the meta-gradient's too); 0 = all at once")
+    grad_ckpt: bool = arg(None, "gradient checkpointing: less memory, ~30% more compute")
     lora_r: int = arg(0, "LoRA rank through peft (pip install peft); 0 = full fine-tuning")
     # GRPO
     eps_low: float = arg(0.2, "PPO clip, lower side")
@@ -81,20 +110,20 @@ class Config:
     mu_max: float = arg(0.95, "upper bound of mu")
     eta_meta: float = arg(0.05, "meta step, in units of mu (dU/dmu is divided by its running RMS)")
     eta_H: float = arg(0.01, "entropy step: mu += eta_H * (H_target - H)")
-    meta_every: int = arg(10, "K: steps between meta-gradients")
+    meta_every: int = arg(None, "K: steps between meta-gradients")
     meta_grad: str = arg("first-order", "first-order | autograd | fd (not in bfloat16)")
     meta_alpha: float = arg(0.0, "look-ahead step alpha; 0 = use --lr")
     val_prompts: int = arg(8, "validation prompts (x G samples) per meta-gradient")
     H_target: float = arg(float("nan"), "target entropy in nats; nan = measure on the first step after warm-up")
     # run
     eval_every: int = arg(50, "steps between greedy accuracy checks on the validation split")
-    eval_batch: int = arg(64, "prompts per generate call when evaluating")
+    eval_batch: int = arg(None, "prompts per generate call when evaluating")
     sampler: str = arg("generate", "rollouts: generate (transformers) | loop (our decode loop, same samples) | compiled (static cache + torch.compile: the GPU fast path, see bench.py)")
     pass_k: int = arg(0, "also report pass@k from k samples per test prompt at --temperature; 0 = off")
     save_every: int = arg(200, "steps between checkpoints (one is always written at the end); 0 = end only")
     max_bad_steps: int = arg(10, "stop after this many non-finite losses in a row")
     seed: int = arg(0, "random seed: model init, and separate streams for data order, validation prompts, sampling")
-    dtype: str = arg("float32", "float32 | bfloat16 | float64")
+    dtype: str = arg(None, "float32 | bfloat16 | float64")
     device: str = arg("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
     out: str = arg("", "output folder (default: runs/<method>-<time>); must be new or empty")
     resume: str = arg("", "a run folder to continue from its checkpoint; flags given now override its config")
@@ -122,6 +151,7 @@ def check(cfg: Config):
         (not (cfg.meta_grad == "fd" and cfg.dtype == "bfloat16"), "--meta-grad fd is refused in bfloat16: no finite-difference "
          "step is both above bfloat16's round-off and small enough to be accurate (20%+ error); use autograd or first-order"),
         (cfg.chat in ("auto", "on", "off"), "--chat must be auto, on or off"),
+        (cfg.prompt in ("compact", "plain"), "--prompt must be compact or plain"),
         (cfg.sampler in ("generate", "loop", "compiled"), "--sampler must be generate, loop or compiled"),
         (0 <= cfg.mu_min <= cfg.mu_max <= 1, "mu bounds must satisfy 0 <= --mu-min <= --mu-max <= 1"),
         (0 <= cfg.mu0 <= 1, "--mu0 must be in [0, 1]"),
@@ -383,23 +413,26 @@ def stop_on_ctrl_c():
 
 # ---------------------------------------------------------------------------- the run
 def main(cfg: Config):
-    check(cfg)
     t_start = time.time()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    recipe = resolve(cfg, cuda=device.startswith("cuda"))
+    check(cfg)
     method = amft.METHODS[cfg.method]
     torch.manual_seed(cfg.seed)                     # training rollouts: torch's generator
     data_rng = random.Random(f"data-{cfg.seed}")    # training order and card orders
     val_rng = random.Random(f"val-{cfg.seed}")      # validation prompts of the meta-gradient
     val_stream = {"seed": cfg.seed + 1_000_003}     # ... and their rollouts (torch_stream)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     try:
-        splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target)
+        splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt)
         name = os.path.join(cfg.resume, "checkpoint") if cfg.resume else cfg.model
         model, tok = policy.load_policy(name, dtype=getattr(torch, cfg.dtype), device=device, lora_r=cfg.lora_r,
                                         grad_ckpt=cfg.grad_ckpt, seed=cfg.seed)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not cfg.max_new_tokens:
-        cfg.max_new_tokens = 16 if "test_ood" in splits else 512
+        cfg.max_new_tokens = RECIPES[recipe]["gp_new_tokens"] if "test_ood" in splits else 512
+    print(f"recipe: {recipe} (" + ", ".join(f"{k}={getattr(cfg, k)}" for k in [*RECIPES[recipe], "max_new_tokens"]
+                                            if k != "gp_new_tokens") + ")")
     chat = policy.use_chat(tok, cfg.model, cfg.chat)
     eos, end = policy.eos_ids(tok, model, chat), policy.end_id(tok, chat)
     splits["val"] = splits["val"] or [dict(r) for r in splits["train"]]  # a small hand file may leave none
@@ -544,11 +577,14 @@ def parse_args(argv=None) -> Config:
         for f in dataclasses.fields(Config):
             flag, default = "--" + f.name.replace("_", "-"), (f.default if defaults else argparse.SUPPRESS)
             text = f.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
-            if f.type in (bool, "bool"):
-                p.add_argument(flag, action="store_true", default=default, help=text)
+            shown = (f"tiny {RECIPES['tiny'][f.name]}, pretrained {RECIPES['pretrained'][f.name]}"
+                     if f.name in RECIPES["tiny"] else f.default)
+            if f.type in (bool, "bool"):  # --grad-ckpt / --no-grad-ckpt: either may override the recipe
+                action = argparse.BooleanOptionalAction if f.default is None else "store_true"
+                p.add_argument(flag, action=action, default=default, help=f"{text} (default: {shown})")
             else:
                 kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {f.default})")
+                p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {shown})")
         return p
     cfg = Config(**vars(parser(True).parse_args(argv)))
     if cfg.resume:
