@@ -128,7 +128,7 @@ class Config:
     out: str = arg("", "output folder (default: runs/<method>-<time>); must be new or empty")
     resume: str = arg("", "a run folder to continue from its checkpoint; flags given now override its config")
     eval_only: bool = arg(False, "only evaluate --model on --task's test split(s) and write summary.json")
-    skip_test: bool = arg(False, "skip the test-split evaluations before and after training (benchmarks)")
+    skip_test: bool = arg(False, "skip the test-split evaluations before and after training, and the last validation check (benchmarks)")
 
 
 METRICS = ("entropy", "reward_mean", "reward_std", "sft_loss", "rl_loss", "frac_zero_std")  # None where not computed
@@ -541,7 +541,7 @@ def main(cfg: Config):
             n_samples = cfg.batch_size * (now.demos + cfg.group_size * now.rl)  # demonstrations + rollouts
             state.update(step=step + 1, samples_seen=state["samples_seen"] + n_samples)
             m.update(samples_per_s=n_samples / (time.time() - t0), samples_seen=state["samples_seen"])
-            if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:  # not counted in samples_per_s
+            if state["step"] % cfg.eval_every == 0 or (state["step"] == cfg.steps and not cfg.skip_test):  # not in samples_per_s
                 m["val_accuracy"] = evaluate(model, tok, val_rows, cfg, eos)["accuracy"]
             log.write(json.dumps(m) + "\n")
             log.flush()
