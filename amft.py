@@ -31,7 +31,7 @@ U is the expected verifiable reward on held-out validation prompts (to maximise)
 the policy-gradient surrogate U_sur(phi) = mean_i A_i * mean_t log pi_phi(y_i,t) on validation
 rollouts sampled from pi_theta. dU/dmu has three estimators on the same U_sur:
     first-order (the paper's): grad U taken at theta instead of theta'
-    autograd: mu is a leaf tensor, U_sur(theta'(mu)) is backpropagated to it (exact for U_sur)
+    autograd: grad U_sur(theta'(mu)) by autograd, chained exactly through dtheta'/dmu (exact for U_sur)
     fd: central difference [U(theta'(mu + h)) - U(theta'(mu - h))] / 2h, h sized by dtype
 The controller checks its inputs before it changes anything: a non-finite entropy, loss or
 dU/dmu leaves mu, H_target and the RMS exactly as they were (the step is counted as rejected).
@@ -310,33 +310,54 @@ def lookahead(params: dict, g_rl: dict, g_sft: dict, mu, alpha: float) -> dict:
     return out
 
 
-def dot(a: dict, b: dict) -> torch.Tensor:
-    return sum((a[k].double() * b[k].double()).sum() for k in a if k in b and a[k] is not None)
+def directional_derivatives(U, phi: dict, g_rl: dict, g_sft: dict, chunks):
+    """(<grad U(phi), g_SFT>, <grad U(phi), g_RL>) with no parameter-sized gradient buffer: phi's
+    tensors are leaves, and a hook dots each one's gradient with g_SFT and g_RL the moment it is
+    accumulated (per micro-batch: the dots are linear, so they add up) and frees it."""
+    dots = torch.zeros(2, dtype=torch.float64)
+    hooks = []
+    for k, t in phi.items():
+        if t.requires_grad and (k in g_rl or k in g_sft):
+            def hook(t, k=k):
+                g = t.grad.reshape(-1)
+                for i, other in enumerate((g_sft, g_rl)):
+                    if k in other:
+                        dots[i] += torch.dot(g, other[k].reshape(-1).to(g)).double().cpu()
+                t.grad = None
+            hooks.append(t.register_post_accumulate_grad_hook(hook))
+    try:
+        accumulate(lambda chunk: (U(phi, chunk), {}), chunks)
+    finally:
+        for h in hooks:
+            h.remove()
+    return dots[0].item(), dots[1].item()
 
 
 def meta_grad_first_order(U, params, g_rl, g_sft, mu, alpha, chunks) -> float:
-    """The paper's estimate: dU/dmu ~ -alpha <grad U(theta), g_SFT - g_RL>. grad U is
-    accumulated in the parameters' .grad, which is handed back as it was."""
+    """The paper's estimate: dU/dmu ~ -alpha <grad U(theta), g_SFT - g_RL>. Uses the parameters
+    themselves as phi; their .grad is handed back as it was."""
     saved = {k: p.grad for k, p in params.items()}
-    grad_U = {}
     try:
         for p in params.values():
             p.grad = None
-        accumulate(lambda chunk: (U(params, chunk), {}), chunks)
+        at_sft, at_rl = directional_derivatives(U, params, g_rl, g_sft, chunks)
     finally:
         for k, p in params.items():
-            grad_U[k], p.grad = p.grad, saved[k]
-    return (-alpha * (dot(grad_U, g_sft) - dot(grad_U, g_rl))).item()
+            p.grad = saved[k]
+    return -alpha * (at_sft - at_rl)
 
 
 def meta_grad_autograd(U, params, g_rl, g_sft, mu, alpha, chunks) -> float:
-    """Exact dU_sur(theta'(mu))/dmu: mu is a leaf tensor, each chunk's U at theta'(mu) is
-    backpropagated to it (theta' is rebuilt per chunk, so one chunk's graph lives at a time)."""
-    ref = next(iter(params.values()))
-    mu_t = torch.tensor(mu, dtype=ref.dtype, device=ref.device, requires_grad=True)
-    theta = {k: p.detach() for k, p in params.items()}
-    accumulate(lambda chunk: (U(lookahead(theta, g_rl, g_sft, mu_t, alpha), chunk), {}), chunks)
-    return mu_t.grad.item()
+    """Exact dU_sur(theta'(mu))/dmu. theta'(mu) is linear in mu, so by the chain rule
+    dU/dmu = <grad U(theta'), dtheta'/dmu> = -alpha <grad U(theta'), g_SFT - g_RL> exactly, with
+    grad U(theta') by autograd through torch.func.functional_call. (Backpropagating into a
+    leaf mu through the look-ahead gives the same number, a test checks it, but its backward holds
+    several parameter-sized temporaries per tensor; this holds theta' and one tensor's gradient.)"""
+    with torch.no_grad():
+        theta = lookahead({k: p.detach() for k, p in params.items()}, g_rl, g_sft, mu, alpha)
+    theta = {k: t.requires_grad_() if (k in g_rl or k in g_sft) else t for k, t in theta.items()}
+    at_sft, at_rl = directional_derivatives(U, theta, g_rl, g_sft, chunks)
+    return -alpha * (at_sft - at_rl)
 
 
 def fd_step(params, g_rl, g_sft, alpha) -> float:

@@ -16,11 +16,16 @@ Rows of the table:
   amft step   whole training steps (rollouts, rewards, both losses, mu update, optimizer) of
               fixed-mix and of amft with the meta-gradient every step and every 20 steps,
               median seconds per step and the ratio to fixed-mix.
+  memory      peak memory of a 3-step run of the whole loop on the Qwen2.5-0.5B shape, with the
+              first-order and the autograd meta-gradient, in bytes per parameter: max allocated
+              on a GPU, peak RSS on a CPU (--memory; about 8 minutes on 2 cores).
 """
 import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -107,10 +112,33 @@ def bench_steps(model_name, device, dtype, steps, B, G, C, sampler):
     return out
 
 
+def bench_memory(model_name, device, dtype, estimators=("first-order", "autograd")):
+    """Peak memory of a short whole-loop run (3 steps, the meta-gradient on the last 2), each
+    estimator in its own process: peak RSS on a CPU, max allocated on a GPU, in bytes per
+    parameter (summary.json's bytes_per_param)."""
+    rows = []
+    for meta_grad in estimators:
+        with tempfile.TemporaryDirectory(prefix="amft-bench-") as tmp:
+            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+                   "--model", model_name, "--steps", "3", "--warmup", "1", "--batch-size", "2", "--group-size", "2",
+                   "--max-new-tokens", "8", "--meta-every", "1", "--meta-grad", meta_grad, "--val-prompts", "1",
+                   "--skip-test", "--dtype", dtype, "--device", device, "--out", os.path.join(tmp, "run")]
+            t = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}")
+            with open(os.path.join(tmp, "run", "summary.json")) as f:
+                s = json.load(f)
+            rows.append((meta_grad, s["peak_memory_gib"], s["bytes_per_param"], time.perf_counter() - t))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings: seconds on a CPU")
     p.add_argument("--compile", action="store_true", help="also time the compiled sampler on a CPU (slow to build)")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory of the random-0.5b loop on a CPU "
+                   "(two runs of ~4 minutes and ~16 GiB each; always measured on a GPU)")
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
@@ -129,6 +157,9 @@ def main(argv=None):
     tokens_s, tflops, peak = bench_train(model, device, N, T)
     del model
     steps = bench_steps(model_name, device, dtype, sSteps, sB, sG, sC, "compiled" if cuda else "generate")
+    mem_model = "random-0.5b" if big or a.memory else "tiny"
+    peaks = bench_memory(mem_model, device, dtype, ("autograd",) if a.quick else ("first-order", "autograd")) \
+        if big or a.memory or a.quick else []
 
     base = rows[0][1]
     lines = ["| what | value | vs baseline |", "|---|---|---|"]
@@ -138,6 +169,9 @@ def main(argv=None):
     lines.append(f"| train fwd+bwd, {N} x {T} tokens, grad ckpt | {tokens_s:,.0f} tok/s, {tflops:.2f} TFLOP/s{memory} | |")
     ref = steps["fixed-mix"]
     lines += [f"| step: {k}, B={sB} x G={sG} x {sC} new | {v:.3f} s | {v / ref:.2f}x fixed-mix |" for k, v in steps.items()]
+    where = "max allocated" if cuda else "peak RSS"
+    lines += [f"| memory: {mem_model} loop, meta-grad {est}, B=2 x G=2 | {gib:.2f} GiB {where}, {bpp:.1f} bytes/param "
+              f"({sec:.0f} s) | |" for est, gib, bpp, sec in peaks]
     try:
         import trl  # noqa: F401
         lines.append("| TRL GRPOTrainer | not measured by this script yet | |")
@@ -145,7 +179,7 @@ def main(argv=None):
         lines.append("| TRL GRPOTrainer | trl not installed | |")
     table = "\n".join(lines)
     print(table)
-    return {"decode": rows, "train_tokens_per_s": tokens_s, "tflops": tflops, "steps": steps, "table": table}
+    return {"decode": rows, "train_tokens_per_s": tokens_s, "tflops": tflops, "steps": steps, "memory": peaks, "table": table}
 
 
 if __name__ == "__main__":

@@ -346,6 +346,18 @@ def test_meta_gradient_autograd_matches_finite_difference_float64(tiny64, seed):
         assert exact != 0 and abs(exact - fd) <= 1e-6 * abs(exact), (seed, alpha, exact, fd)
 
 
+def test_autograd_estimator_equals_backprop_into_a_leaf_mu(tiny64):
+    # the estimator chains grad U(theta') through dtheta'/dmu by hand (no parameter-sized
+    # temporaries); backpropagating into mu itself, through the look-ahead, gives the same number
+    model, tok = tiny64
+    params, g_sft, g_rl, U, one = _meta_setup(model, tok, seed=3)
+    mu = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    theta = {k: p.detach() for k, p in params.items()}
+    (leaf,) = torch.autograd.grad(U(amft.lookahead(theta, g_rl, g_sft, mu, 1e-2), one[0]), mu)
+    assert leaf != 0 and amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, 1e-2, one) == pytest.approx(leaf.item(), rel=1e-9)
+    assert all(p.grad is None for p in params.values())  # and the model's .grad is left alone
+
+
 def test_finite_difference_is_right_in_float32_at_a_real_learning_rate(tiny_path):
     # alpha = 1e-6: the probe is far below float32's round-off of the weights at h = 1e-3
     model, tok = policy.load_policy(tiny_path, dtype=torch.float32)

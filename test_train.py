@@ -399,6 +399,8 @@ def test_bench_quick_prints_every_row():
     assert len(result["decode"]) == 3 and all(ms > 0 and tps > 0 for _, ms, tps in result["decode"])
     assert result["train_tokens_per_s"] > 0 and set(result["steps"]) == {"fixed-mix", "amft, meta every step", "amft, meta every 20"}
     assert "x fixed-mix" in result["table"] and "x generate" in result["table"]
+    (estimator, gib, bytes_per_param, _), = result["memory"]  # the tiny model's whole loop, in its own process
+    assert estimator == "autograd" and 0.1 < gib < 8 and bytes_per_param > 20 and "bytes/param" in result["table"]
 
 
 # ---------------------------------------------------------------------------- a pretrained model's recipe
