@@ -139,10 +139,11 @@ def split_hands(hands, target: int, seed: int = 0, test_frac=0.2, val_frac=0.1, 
     rng.shuffle(hands)
     n_test, n_val = max(1, int(len(hands) * test_frac)), max(1, int(len(hands) * val_frac))
     test, val, train = hands[:n_test], hands[n_test:n_test + n_val], hands[n_test + n_val:]
+    train_rows = general_points_rows(train, target, "id", rng, 1, style)
     val_rows = general_points_rows(val, target, "id", rng, eval_orders, style)
     if len(val_rows) > max_val:  # 4 cards: ~1,000 rows; checking them all every --eval-every steps is slow
         val_rows = rng.sample(val_rows, max_val)
-    return {"train": general_points_rows(train, target, "id", rng, 1, style), "val": val_rows,
+    return {"train": train_rows, "val": val_rows,
             "test": general_points_rows(test, target, "id", rng, eval_orders, style),
             "test_ood": general_points_rows(test, target, "ood", rng, eval_orders, style)}
 

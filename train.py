@@ -3,7 +3,8 @@ Train a causal LM with AMFT (or a baseline) and evaluate it. One linear loop, no
 
     python train.py                          # tiny Qwen2 on General Points, CPU, minutes
     python train.py --method sft             # a baseline (see --help for all nine methods)
-    python train.py --model Qwen2.5-0.5B --task gsm8k --lr 1e-6 --dtype bfloat16   # real model
+    python train.py --model Qwen2.5-0.5B     # a pretrained model: the paper's recipe, 4 cards / 24
+    python train.py --model Qwen2.5-0.5B-Instruct --task gsm8k   # math, through the chat template
     python train.py --resume runs/amft-...   # continue a stopped run exactly
     python train.py --eval-only --model runs/amft-.../model --pass-k 8
     python train.py --help                   # every flag, generated from Config below
