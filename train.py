@@ -22,16 +22,11 @@ step), summary.json (accuracy before and after), model/ (save_pretrained), check
 (resumable), curves.png (with matplotlib).
 """
 import argparse
-import contextlib
-import ctypes
 import dataclasses
 import json
 import math
 import os
-import pickle
 import random
-import shutil
-import signal
 import sys
 import time
 import zlib
@@ -41,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 import amft
+import checkpoint
 import data
 import model as policy
 import plots
@@ -225,18 +221,8 @@ def take_grads(params: dict) -> dict:
         if p.grad is not None:
             grads[n], p.grad = p.grad, None
     if next(iter(params.values())).device.type == "cpu":
-        release_freed_memory()
+        checkpoint.release_freed_memory()
     return grads
-
-
-def release_freed_memory():
-    """glibc keeps large freed blocks for reuse instead of returning them; in a 0.5B-parameter run
-    on a CPU that added about 5 GiB to the peak resident memory. malloc_trim returns them."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def sft_backward(model, demos, micro):
@@ -330,115 +316,6 @@ def count_bad_steps(state, skipped: bool, limit: int):
                             f"(try a lower --lr or --dtype float32)")
 
 
-def peak_memory(device: str) -> int:
-    """This process's peak memory in bytes: max allocated on CUDA; on a CPU the peak resident set
-    (VmHWM), which also counts what the allocator keeps after tensors are freed."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-    except (OSError, StopIteration):
-        import resource  # macOS reports bytes, Linux kilobytes; /proc is Linux's
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def atomic_json(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-# ---------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, model, tok, opt, state: dict, ref_model=None):
-    """Model + tokenizer (save_pretrained), optimizer, the loop's state (with the controller and
-    every random stream). Only tensors, numbers, strings, lists, tuples and dicts, so it loads with
-    torch.load(weights_only=True). Written to path.tmp and swapped in: never half a checkpoint."""
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "state": state,
-                "ref": ref_model.state_dict() if ref_model is not None else None}, os.path.join(tmp, "trainer_state.pt"))
-    if os.path.isdir(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(path, model, opt):
-    """The loop's state and the reference policy (if the run had one); restores the optimizer.
-    The weights were loaded from `path` with the model. Never unpickles arbitrary objects."""
-    file = os.path.join(path, "trainer_state.pt")
-    try:
-        saved = torch.load(file, weights_only=True)
-        opt.load_state_dict(saved["optimizer"])
-        ref_model = None
-        if saved["ref"] is not None:
-            ref_model = policy.frozen_copy(model)
-            ref_model.load_state_dict(saved["ref"])
-        return saved["state"], ref_model
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            raise UsageError(f"{file} holds objects other than tensors and plain data; refusing to load it "
-                             f"(it could run code). Only resume checkpoints written by train.py") from None
-        raise UsageError(f"{file} is damaged and cannot be read ({_first_line(e)})") from None
-    except Exception as e:
-        raise UsageError(f"{file} is damaged and cannot be read ({_first_line(e)})") from None
-
-
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
-
-
-def keep_metrics_before(path, step: int):
-    """On resume: drop the metrics lines logged after the checkpoint (and a line a crash tore)."""
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] < step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-@contextlib.contextmanager
-def torch_stream(stream: dict):
-    """Run a block on its own torch random stream: torch's generators (CPU and CUDA) start from
-    `stream`, their state is saved back to it at the end, and outside the block they continue
-    as if it had not run. The meta-gradient's validation rollouts use one, so turning the
-    meta-gradient on or off leaves the training rollouts' stream alone."""
-    devices = list(range(torch.cuda.device_count()))
-    with torch.random.fork_rng(devices=devices):
-        if stream.get("cpu") is None:
-            torch.manual_seed(stream["seed"])
-        else:
-            torch.set_rng_state(stream["cpu"])
-            if devices and stream.get("cuda") is not None:
-                torch.cuda.set_rng_state_all(stream["cuda"])
-        yield
-        stream.update(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if devices else None)
-
-
-@contextlib.contextmanager
-def stop_on_ctrl_c():
-    """Ctrl-C asks the loop to stop between steps (so the checkpoint is consistent); a second
-    Ctrl-C interrupts at once. The previous handler is back when the block ends."""
-    stop = []
-
-    def handler(*_):
-        stop.append(True)
-        signal.signal(signal.SIGINT, previous)
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 # ---------------------------------------------------------------------------- the run
 def main(cfg: Config):
     t_start = time.time()
@@ -484,7 +361,7 @@ def main(cfg: Config):
     if cfg.eval_only:
         summary = dict(method="eval-only", model=cfg.model, task=cfg.task, steps=0, **test_all(cfg.pass_k),
                        test_prompts=len(splits["test"]), wall_seconds=round(time.time() - t_start, 1), device=device)
-        atomic_json(summary, os.path.join(out, "summary.json"))
+        checkpoint.atomic_json(summary, os.path.join(out, "summary.json"))
         print(json.dumps(summary))
         return summary
 
@@ -499,7 +376,10 @@ def main(cfg: Config):
     # everything the loop carries from step to step, besides the weights: what a checkpoint holds
     state = {"step": 0, "bad_in_row": 0, "skipped": 0, "samples_seen": 0, "order": [], "before": None}
     if cfg.resume:
-        state, ref_model = load_checkpoint(os.path.join(out, "checkpoint"), model, opt)
+        try:
+            state, ref_model = checkpoint.load_checkpoint(os.path.join(out, "checkpoint"), model, opt)
+        except ValueError as e:  # a damaged or unsafe file, in one line
+            raise UsageError(str(e)) from None
         try:
             controller.load_state_dict(state["controller"])
             data_rng.setstate(state["rng"]["data"])
@@ -508,24 +388,24 @@ def main(cfg: Config):
             torch.set_rng_state(state["rng"]["torch"])
             if state["rng"]["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        except Exception as e:
-            raise UsageError(f"{out}/checkpoint/trainer_state.pt is damaged ({_first_line(e)})") from None
+        except Exception as e:  # it loaded, but is not a checkpoint of this trainer
+            raise UsageError(f"{out}/checkpoint/trainer_state.pt is damaged ({checkpoint.first_line(e)})") from None
         if os.path.isfile(os.path.join(out, "metrics.jsonl")):
-            keep_metrics_before(os.path.join(out, "metrics.jsonl"), state["step"])
-    atomic_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))  # (after a resume is known to work)
+            checkpoint.keep_metrics_before(os.path.join(out, "metrics.jsonl"), state["step"])
+    checkpoint.atomic_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))  # (after a resume is known to work)
     if state["before"] is None:
         state["before"] = test_all()
     print(f"{cfg.method}: {len(train_rows)} train / {len(val_rows)} val / {len(splits['test'])} test prompts; "
           f"before training {state['before']}")
 
-    def checkpoint():
+    def save():
         state.update(controller=controller.state_dict(), rng={
             "data": data_rng.getstate(), "val": val_rng.getstate(), "val_torch": val_stream, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
-        save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
+        checkpoint.save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
 
     pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc=cfg.method, dynamic_ncols=True)
-    with open(os.path.join(out, "metrics.jsonl"), "a") as log, stop_on_ctrl_c() as stop:
+    with open(os.path.join(out, "metrics.jsonl"), "a") as log, checkpoint.stop_on_ctrl_c() as stop:
         for step in pbar:
             t0 = time.time()
             now = amft.phase(method, step, cfg.warmup)
@@ -553,7 +433,7 @@ def main(cfg: Config):
                 dU = None
                 if finite and controller.meta_due(step - cfg.warmup, H):
                     val = val_rng.sample(val_rows, min(cfg.val_prompts, len(val_rows)))
-                    with torch_stream(val_stream):
+                    with checkpoint.torch_stream(val_stream):
                         dU, m["val_reward"] = meta_gradient(model, tok, val, params=params, g_rl=g_rl, g_sft=g_sft,
                                                             mu=controller.mu, alpha=alpha, cfg=cfg, eos=eos)
                 m.update(controller.update(H, dU, finite))
@@ -575,12 +455,12 @@ def main(cfg: Config):
             log.flush()
             pbar.set_postfix({k: f"{m[k]:.3f}" for k in ("mu", "reward_mean", "entropy", "sft_loss") if m[k] is not None})
             if stop or (cfg.save_every and state["step"] % cfg.save_every == 0):
-                checkpoint()
+                save()
             if stop:
                 raise KeyboardInterrupt(f"stopped at step {state['step']}; checkpoint saved: python train.py --resume {out}")
 
-    peak = peak_memory(device)  # training's peak, before the final evaluation and save
-    checkpoint()
+    peak = checkpoint.peak_memory(device)  # training's peak, before the final evaluation and save
+    save()
     after = test_all(cfg.pass_k)
     final = model.merge_and_unload() if cfg.lora_r else model
     final.save_pretrained(os.path.join(out, "model"))
@@ -591,7 +471,7 @@ def main(cfg: Config):
                    mu_rejected=controller.rejected, skipped_steps=state["skipped"], test_prompts=len(splits["test"]),
                    wall_seconds=round(time.time() - t_start, 1), device=device, peak_memory_gib=round(peak / 2**30, 3),
                    bytes_per_param=round(peak / sum(p.numel() for p in model.parameters()), 1))
-    atomic_json(summary, os.path.join(out, "summary.json"))
+    checkpoint.atomic_json(summary, os.path.join(out, "summary.json"))
     figure = plots.plot_run(out)
     print(f"after training {after} ({summary['wall_seconds']:.0f} s); results in {out}"
           + (f", plot {figure}" if figure else " (pip install matplotlib for curves.png)"))
