@@ -80,6 +80,23 @@ def keep_metrics_before(path, step: int):
         f.writelines(kept)
 
 
+def streams(data_rng, val_rng, val_stream: dict) -> dict:
+    """The state of every random stream of a run: training order, validation prompts, the
+    validation rollouts' torch stream, and torch's own (training rollouts), CPU and CUDA."""
+    return {"data": data_rng.getstate(), "val": val_rng.getstate(), "val_torch": val_stream,
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_streams(saved: dict, data_rng, val_rng, val_stream: dict):
+    """The inverse of `streams`."""
+    data_rng.setstate(saved["data"])
+    val_rng.setstate(saved["val"])
+    val_stream.update(saved["val_torch"])
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
 @contextlib.contextmanager
 def torch_stream(stream: dict):
     """Run a block on its own torch random stream: torch's generators (CPU and CUDA) start from

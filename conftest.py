@@ -18,6 +18,18 @@ import model as policy
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def run(tmp_path, name="run", **kw):
+    """train.main in this process (the loop the command line runs, without an interpreter's
+    start-up), with the tiny recipe; returns its summary, metrics lines and output folder."""
+    import train
+    out = tmp_path / name
+    summary = train.main(train.Config(out=str(out), **{**dict(recipe="tiny", eval_every=1000, save_every=0, skip_test=True), **kw}))
+    return summary, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
+
+
+SMALL = dict(batch_size=3, group_size=2, max_new_tokens=8, val_prompts=3)  # a step in well under a second
+
+
 def run_cli(*args, timeout=300):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True,

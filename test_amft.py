@@ -1,8 +1,8 @@
 """
 Tests of the algorithm (amft.py) and the policy (model.py), offline on a CPU. The training
-loop and the command line are tested in test_train.py, the verifiers and tasks in
+loop is tested in test_train.py, the command line in test_cli.py, the verifiers and tasks in
 test_tasks.py, with fixtures in conftest.py:
-    HF_HUB_OFFLINE=1 python -m pytest -q test_amft.py test_train.py test_tasks.py
+    HF_HUB_OFFLINE=1 python -m pytest -q test_amft.py test_train.py test_cli.py test_tasks.py
 
 A tiny Qwen2 is built from a config and saved once per session; sampling, log-probs, losses
 and meta-gradients all run on it for real.

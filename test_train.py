@@ -1,17 +1,12 @@
 """
-Tests of the training loop (train.py) and the command line, offline on a CPU. Most runs call
-train.main in this process (the same loop the command line runs, without an interpreter
-start-up); the tests of the command line itself run `python train.py` as a user would.
+Tests of the training loop (train.py) as the algorithm runs it: every method's rule, the
+meta-gradient and the mu controller inside the loop, random streams, micro-batches, the
+srft/luffy groups, and exact resume. The runs call train.main in this process (`run` in
+conftest.py); the command line, checkpoints' safety and the tools are tested in test_cli.py.
 """
-import glob
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,39 +17,7 @@ import amft
 import model as policy
 import train
 
-from conftest import HERE, run_cli
-
-
-def run(tmp_path, name="run", **kw):
-    """train.main in this process; returns its summary, metrics lines and output folder."""
-    out = tmp_path / name
-    summary = train.main(train.Config(out=str(out), **{**dict(recipe="tiny", eval_every=1000, save_every=0, skip_test=True), **kw}))
-    return summary, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
-
-
-SMALL = dict(batch_size=3, group_size=2, max_new_tokens=8, val_prompts=3)
-
-
-# ---------------------------------------------------------------------------- the loop, method by method
-def test_cli_smoke_run_writes_outputs(tmp_path):
-    out = tmp_path / "run"
-    res = run_cli("--steps", "6", "--warmup", "2", "--meta-every", "2", "--eval-every", "3", "--batch-size", "4",
-                  "--group-size", "4", "--meta-grad", "autograd", "--beta", "0.01", "--out", str(out))
-    assert res.returncode == 0, res.stderr[-2000:]
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == list(range(6)) and [m["phase"] for m in lines] == ["warmup"] * 2 + ["main"] * 4
-    for key in ("mu", "entropy", "H_target", "reward_mean", "sft_loss", "rl_loss", "meta_grad", "frac_zero_std",
-                "samples_per_s", "kl", "clip_frac", "prompts_crc32"):
-        assert key in lines[-1]
-    assert lines[2]["meta_grad"] is not None and lines[3]["meta_grad"] is None and lines[2]["kl"] == 0.0 < lines[3]["kl"]
-    assert [m["step"] for m in lines if "val_accuracy" in m] == [2, 5]
-    summary = json.loads((out / "summary.json").read_text())
-    for key in ("method", "id_accuracy", "ood_accuracy", "steps", "wall_seconds", "final_mu", "mu_rejected"):
-        assert key in summary
-    assert json.loads((out / "config.json").read_text())["meta_grad"] == "autograd"
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    AutoModelForCausalLM.from_pretrained(out / "model")
-    assert AutoTokenizer.from_pretrained(out / "model").decode([10]) != ""
+from conftest import HERE, SMALL, run, run_cli
 
 
 @pytest.mark.parametrize("method", list(amft.METHODS))
@@ -204,7 +167,6 @@ def test_demonstrations_in_the_group_share_one_token_mean(tiny64, shaped):
     assert out["loss"] == pytest.approx(expected.item(), rel=1e-9) and out["kl"] == pytest.approx(kl.item(), rel=1e-9)
 
 
-# ---------------------------------------------------------------------------- checkpoints, resume, Ctrl-C
 def test_resume_continues_exactly(tmp_path):
     common = dict(steps=6, warmup=2, batch_size=3, group_size=2, meta_every=2, eval_every=100, beta=0.05)
     run(tmp_path, "straight", **common)
@@ -218,246 +180,3 @@ def test_resume_continues_exactly(tmp_path):
     from safetensors.torch import load_file
     a, b = load_file(tmp_path / "straight" / "model" / "model.safetensors"), load_file(tmp_path / "split" / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-class _Payload:
-    """An object whose unpickling runs a command: what a shared checkpoint could carry."""
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_damaged_or_unsafe_checkpoint_is_refused_in_one_line(tmp_path, tiny_path):
-    run(tmp_path, model=tiny_path, method="sft", steps=2, batch_size=2)
-    state_file = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
-    assert torch.load(state_file, weights_only=True)["state"]["step"] == 2  # what we write loads safely
-    good = state_file.read_bytes()
-    state_file.write_bytes(good[:len(good) // 2])  # truncated
-    res = run_cli("--resume", str(tmp_path / "run"), "--steps", "3")
-    last = res.stderr.strip().splitlines()[-1]  # (after the model's own loading bar)
-    assert res.returncode == 1 and last.startswith("error:") and "damaged" in last and "Traceback" not in res.stderr, res.stderr[-2000:]
-    marker = tmp_path / "pwned"
-    torch.save({"optimizer": {}, "state": {"step": 1}, "ref": None, "x": _Payload(marker)}, state_file)
-    res = run_cli("--resume", str(tmp_path / "run"), "--steps", "3")
-    last = res.stderr.strip().splitlines()[-1]
-    assert res.returncode == 1 and last.startswith("error:") and "refusing" in last and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert not marker.exists()
-
-
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--steps", "400", "--warmup", "400",
-                             "--save-every", "0", "--out", str(out)], stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=HERE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
-    saved = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
-    assert saved["state"]["step"] == (out / "metrics.jsonl").read_text().count("\n") >= 3
-
-
-def test_a_run_leaves_no_handler_open_file_or_temporary_model(tmp_path, monkeypatch):
-    opened = []
-
-    def recording_open(*args, **kw):
-        f = open(*args, **kw)
-        opened.append(f)
-        return f
-    monkeypatch.setattr(train, "open", recording_open, raising=False)
-    handler = signal.getsignal(signal.SIGINT)
-    temps = set(glob.glob(os.path.join(tempfile.gettempdir(), "amft-tiny-*")))
-    with pytest.raises(train.TrainingError, match="non-finite"):  # a run that ends in an exception
-        run(tmp_path, method="sft", lr=1e30, steps=20, max_bad_steps=3, batch_size=4)
-    assert opened and all(f.closed for f in opened)
-    assert signal.getsignal(signal.SIGINT) is handler
-    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "amft-tiny-*"))) == temps
-
-
-# ---------------------------------------------------------------------------- the command line
-def test_help_lists_every_flag():
-    res = run_cli("--help")
-    assert res.returncode == 0, res.stderr[-2000:]
-    for f in train.Config.__dataclass_fields__:
-        assert "--" + f.replace("_", "-") in res.stdout
-
-
-@pytest.mark.parametrize("settings,message", [
-    (dict(mu_min=0.9, mu_max=0.1), "mu bounds"),
-    (dict(mu_max=1.5), "mu bounds"),
-    (dict(group_size=1), "at least 2"),
-    (dict(eta_meta=-0.1), "must be finite and >= 0"),
-    (dict(eta_H=-1.0), "must be finite and >= 0"),
-    (dict(meta_alpha=-1e-3), "must be finite and >= 0"),
-    (dict(max_bad_steps=0), "must be >= 1"),
-    (dict(eta_H=math.inf), "must be finite"),
-    (dict(H_target=math.inf), "--H-target"),
-    (dict(lr=math.inf), "--lr must be finite"),
-])
-def test_impossible_settings_are_refused_at_the_door(tmp_path, settings, message):
-    with pytest.raises(train.UsageError, match=message):
-        train.main(train.Config(out=str(tmp_path / "run"), **settings))
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--model", "/no/such/model"], "cannot load model"),
-    (["--method", "magic"], "--method"),
-    (["--task", "/no/such/file.jsonl"], "existing file"),
-    (["--meta-grad", "fd", "--dtype", "bfloat16"], "refused in bfloat16"),
-    (["--eta-H", "-0.5"], "must be finite and >= 0"),
-])
-def test_bad_input_one_line_error_and_no_output(tmp_path, args, message):
-    out = tmp_path / "run"
-    res = run_cli(*args, "--steps", "2", "--out", str(out))
-    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0
-    assert not out.exists()
-
-
-def test_task_file_without_fields_is_rejected_by_cli(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "2+2"}) + "\n")
-    res = run_cli("--task", str(bad), "--steps", "2", "--out", str(tmp_path / "run"))
-    assert res.returncode != 0 and "no usable rows" in res.stderr and "question" in res.stderr
-    assert not (tmp_path / "run").exists()
-
-
-def test_diverging_run_skips_non_finite_steps_then_stops(tmp_path):
-    res = run_cli("--method", "sft", "--lr", "1e30", "--steps", "20", "--max-bad-steps", "3",
-                  "--batch-size", "4", "--skip-test", "--out", str(tmp_path / "run"))
-    assert res.returncode != 0 and "non-finite" in res.stderr and "Traceback" not in res.stderr
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(m["skipped"] for m in lines) >= 2
-
-
-# ---------------------------------------------------------------------------- real data, models and tools
-def test_cli_trains_saved_tiny_model_on_gsm8k_file_and_eval_only(tmp_path, tiny_path, math_files):
-    out = tmp_path / "run"
-    res = run_cli("--model", tiny_path, "--recipe", "tiny", "--task", math_files["gsm8k"], "--steps", "3", "--warmup", "1", "--batch-size", "2",
-                  "--group-size", "2", "--max-new-tokens", "6", "--meta-every", "1", "--micro-batch", "2", "--grad-ckpt", "--out", str(out))
-    assert res.returncode == 0, res.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["task"] == math_files["gsm8k"] and summary["ood_accuracy"] is None and 0 <= summary["id_accuracy"] <= 1
-    assert (out / "checkpoint" / "trainer_state.pt").exists() and not (out / "checkpoint.tmp").exists()
-    res = run_cli("--eval-only", "--model", str(out / "model"), "--recipe", "tiny", "--task", math_files["gsm8k"], "--max-new-tokens", "6",
-                  "--pass-k", "2", "--out", str(tmp_path / "eval"))
-    assert res.returncode == 0, res.stderr[-2000:]
-    ev = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert ev["method"] == "eval-only" and ev["id_accuracy"] == summary["id_accuracy"] and 0 <= ev["pass@2"] <= 1
-
-
-def test_chat_template_prompt_and_turn_end(tiny_path):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tiny_path)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    assert policy.use_chat(tok, "Qwen/Qwen2.5-0.5B-Instruct", "auto") and not policy.use_chat(tok, "Qwen/Qwen2.5-0.5B", "auto")
-    assert policy.format_prompt(tok, "2+2?", True).endswith("<|im_start|>assistant\n")
-    assert policy.format_prompt(tok, "2+2?", False) == "2+2?"
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert policy.end_id(tok, True) == im_end and policy.end_id(tok, False) == tok.eos_token_id
-
-
-def test_lora_run_trains_adapters_only_and_saves_a_merged_model(tmp_path, tiny_path):
-    pytest.importorskip("peft")
-    model, _ = policy.load_policy(tiny_path, lora_r=4)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
-    _, _, out = run(tmp_path, model=tiny_path, lora_r=4, steps=3, warmup=1, meta_every=1, batch_size=2, group_size=2)
-    from transformers import AutoModelForCausalLM
-    merged = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert not any("lora" in n for n, _ in merged.named_parameters())
-
-
-def test_compare_quick_writes_table_and_figure(tmp_path):
-    import compare
-    results = compare.main(["--quick", "--methods", "sft,amft", "--seeds", "2", "--steps", "3", "--warmup", "1",
-                            "--batch-size", "2", "--group-size", "2", "--eval-every", "1", "--out", str(tmp_path)])
-    assert set(results) == {"sft", "amft"} and all(len(r) == 2 for r in results.values())
-    table = (tmp_path / "results.md").read_text()
-    assert "| sft |" in table and "| amft |" in table and "±" in table
-    try:
-        import matplotlib  # noqa: F401  (optional: without it the table is still written)
-        assert (tmp_path / "comparison.png").stat().st_size > 10_000 and (tmp_path / "amft-seed1" / "curves.png").exists()
-    except ImportError:
-        assert not (tmp_path / "comparison.png").exists()
-    # a finished run is reused, not trained again
-    before = (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime
-    compare.main(["--methods", "sft", "--seeds", "1", "--steps", "3", "--out", str(tmp_path)])
-    assert (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime == before
-
-
-def test_bench_quick_prints_every_row():
-    import bench
-    result = bench.main(["--quick"])
-    assert len(result["decode"]) == 3 and all(ms > 0 and tps > 0 for _, ms, tps in result["decode"])
-    assert result["train_tokens_per_s"] > 0 and set(result["steps"]) == {"fixed-mix", "amft, meta every step", "amft, meta every 20"}
-    assert "x fixed-mix" in result["table"] and "x generate" in result["table"]
-    (estimator, gib, bytes_per_param, _), = result["memory"]  # the tiny model's whole loop, in its own process
-    assert estimator == "autograd" and 0.1 < gib < 8 and bytes_per_param > 20 and "bytes/param" in result["table"]
-
-
-# ---------------------------------------------------------------------------- a pretrained model's recipe
-@pytest.fixture(scope="module")
-def instruct_path(tmp_path_factory):
-    """A pretrained-like checkpoint, offline: a chat template ending turns with <|im_end|>, a
-    generation config that sets processors, no pad token, untied embeddings, 'Instruct' in its name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    base = policy.make_tiny_model(str(tmp_path_factory.mktemp("base")), n_layer=2, n_embd=32, n_head=2)
-    tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.pad_token = None
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    model.resize_token_embeddings(len(tok))
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    model.generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05,
-                                               eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id])
-    path = tmp_path_factory.mktemp("hub") / "Tiny-Instruct"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-def test_a_pretrained_model_resolves_to_the_pretrained_recipe(instruct_path):
-    cfg = train.parse_args(["--model", instruct_path])
-    assert train.resolve(cfg, cuda=False) == "pretrained"
-    assert (cfg.lr, cfg.warmup, cfg.meta_every, cfg.cards, cfg.target, cfg.prompt) == (1e-6, 50, 20, 4, 24, "plain")
-    assert (cfg.micro_batch, cfg.dtype, cfg.grad_ckpt, cfg.group_size) == (16, "float32", False, 8)
-    cfg = train.parse_args(["--model", "Qwen2.5-0.5B"])  # the headline command, on a GPU
-    train.resolve(cfg, cuda=True)
-    assert (cfg.recipe, cfg.lr, cfg.dtype, cfg.grad_ckpt) == ("pretrained", 1e-6, "bfloat16", True)
-    cfg = train.parse_args(["--model", "Qwen2.5-0.5B", "--lr", "3e-6", "--no-grad-ckpt", "--cards", "3"])
-    train.resolve(cfg, cuda=True)  # every explicit flag wins
-    assert (cfg.lr, cfg.grad_ckpt, cfg.cards, cfg.target) == (3e-6, False, 3, 24)
-    cfg = train.parse_args([])
-    assert train.resolve(cfg, cuda=True) == "tiny" and (cfg.lr, cfg.dtype, cfg.prompt, cfg.steps) == (1e-3, "float32", "compact", 700)
-
-
-def test_a_pretrained_like_checkpoint_trains_evaluates_and_resumes(tmp_path, instruct_path):
-    import data
-    hands = tmp_path / "hands.jsonl"  # 4-card hands (a file: the full 4-card split takes ~20 s to solve)
-    hands.write_text("\n".join(json.dumps({"cards": list(h)}) for h in data.all_hands(4)[::40]) + "\n")
-    out = tmp_path / "run"
-    budget = ["--task", str(hands), "--steps", "3", "--warmup", "1", "--batch-size", "2", "--group-size", "2",
-              "--max-new-tokens", "8", "--val-prompts", "2", "--meta-every", "1"]
-    res = run_cli("--model", instruct_path, *budget, "--out", str(out))
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "recipe: pretrained" in res.stdout
-    config = json.loads((out / "config.json").read_text())
-    assert (config["recipe"], config["lr"], config["prompt"], config["micro_batch"], config["target"]) == ("pretrained", 1e-6, "plain", 16, 24)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["phase"] for m in lines] == ["warmup", "main", "main"] and lines[1]["rl_loss"] is not None
-    assert json.loads((out / "summary.json").read_text())["id_accuracy"] is not None
-    res = run_cli("--resume", str(out), "--steps", "4")
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
-    res = run_cli("--model", instruct_path, *budget, "--dtype", "bfloat16", "--skip-test", "--out", str(tmp_path / "bf16"))
-    assert res.returncode == 0, res.stderr[-2000:]  # bfloat16 on a CPU: slow, but it runs

@@ -382,12 +382,7 @@ def main(cfg: Config):
             raise UsageError(str(e)) from None
         try:
             controller.load_state_dict(state["controller"])
-            data_rng.setstate(state["rng"]["data"])
-            val_rng.setstate(state["rng"]["val"])
-            val_stream.update(state["rng"]["val_torch"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            checkpoint.restore_streams(state["rng"], data_rng, val_rng, val_stream)
         except Exception as e:  # it loaded, but is not a checkpoint of this trainer
             raise UsageError(f"{out}/checkpoint/trainer_state.pt is damaged ({checkpoint.first_line(e)})") from None
         if os.path.isfile(os.path.join(out, "metrics.jsonl")):
@@ -399,9 +394,7 @@ def main(cfg: Config):
           f"before training {state['before']}")
 
     def save():
-        state.update(controller=controller.state_dict(), rng={
-            "data": data_rng.getstate(), "val": val_rng.getstate(), "val_torch": val_stream, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+        state.update(controller=controller.state_dict(), rng=checkpoint.streams(data_rng, val_rng, val_stream))
         checkpoint.save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
 
     pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc=cfg.method, dynamic_ncols=True)
