@@ -50,20 +50,26 @@ Where this departs from the paper (and the authors' code), and why:
 6. Robustness the paper does not discuss: non-finite inputs never reach the controller's state
    (above); fd sizes its step h by the dtype's round-off, not a fixed 1e-3 (`fd_step`), and is
    refused in bfloat16, where no step makes it agree with autograd (the trainer says so).
+7. How autograd is computed. Building theta'(mu) with a leaf mu and backpropagating into mu
+   gives the same number (a test checks it to 1e-9) but holds theta' and several
+   parameter-sized temporaries; we move the weights to theta' in place (`moved_to_lookahead`),
+   take grad U there and dot it with g_SFT - g_RL tensor by tensor as autograd produces it.
+   The price: the weights return from theta' within one rounding (1 ulp), not bit for bit.
 
 The baselines are presets of the same switches (`Method`, `METHODS`); the loop reads switches,
 never names. Their update is w_RL g_RL + w_SFT g_SFT (`loss_weights`):
   sft (0, 1); grpo, luffy, sft-grpo after its SFT stage (1, 0); fixed-mix and amft (1 - mu, mu);
   srft (1, 0.5 exp(-H)).  Choices of ours where the baselines' papers leave room:
-7. SRFT (arXiv 2506.19767): H in w_SFT = 0.5 sg(exp(-H)) is the mean token entropy of this step's
+8. SRFT (arXiv 2506.19767): H in w_SFT = 0.5 sg(exp(-H)) is the mean token entropy of this step's
    rollouts; "RL on demonstrations" puts the demonstration in the GRPO group as its (G+1)-th
    sample with the plain policy gradient (no ratio: it was not sampled from pi). SRFT's extra
    weighting of positive self-rollouts is not implemented.
-8. LUFFY (arXiv 2504.14945): the demonstration is the group's (G+1)-th sample, advantages are
+9. LUFFY (arXiv 2504.14945): the demonstration is the group's (G+1)-th sample, advantages are
    computed over all G+1, and its tokens use the shaped objective f(p) = p / (p + 0.1), unclipped.
-9. Warm-up: amft, its ablations, fixed-mix and sft-grpo (whose first stage it is) start with
+10. Warm-up: amft, its ablations, fixed-mix and sft-grpo (whose first stage it is) start with
    W SFT-only steps; sft, grpo, srft and luffy start from the base model, as in their papers.
 """
+import contextlib
 import dataclasses
 import math
 
@@ -299,24 +305,49 @@ class MuController:
 # ---------------------------------------------------------------------------- meta-gradient
 # U is a callable U(params, chunk) -> that micro-batch's share of U_sur (they add up to U_sur);
 # params maps names to tensors; chunks are the micro-batches (slices of the validation rows).
+def lookahead_step(k, g_rl: dict, g_sft: dict, mu, alpha: float):
+    """alpha [(1 - mu) g_RL + mu g_SFT] for tensor k (a gradient not computed counts as 0; None
+    when neither was); mu may be a tensor with grad."""
+    if k not in g_rl and k not in g_sft:
+        return None
+    return alpha * ((1 - mu) * g_rl[k] if k in g_rl else 0) + alpha * (mu * g_sft[k] if k in g_sft else 0)
+
+
 def lookahead(params: dict, g_rl: dict, g_sft: dict, mu, alpha: float) -> dict:
-    """theta'(mu) = theta - alpha [(1 - mu) g_RL + mu g_SFT]; mu may be a tensor with grad.
-    A gradient that was not computed counts as 0."""
-    out = {}
-    for k, p in params.items():
-        if k in g_rl or k in g_sft:
-            p = p - alpha * ((1 - mu) * g_rl[k] if k in g_rl else 0) - alpha * (mu * g_sft[k] if k in g_sft else 0)
-        out[k] = p
-    return out
+    """theta'(mu) = theta - alpha [(1 - mu) g_RL + mu g_SFT], as new tensors (the definition; the
+    estimators move the weights in place instead, `moved_to_lookahead`)."""
+    steps = {k: lookahead_step(k, g_rl, g_sft, mu, alpha) for k in params}
+    return {k: p if steps[k] is None else p - steps[k] for k, p in params.items()}
 
 
-def directional_derivatives(U, phi: dict, g_rl: dict, g_sft: dict, chunks):
-    """(<grad U(phi), g_SFT>, <grad U(phi), g_RL>) with no parameter-sized gradient buffer: phi's
-    tensors are leaves, and a hook dots each one's gradient with g_SFT and g_RL the moment it is
-    accumulated (per micro-batch: the dots are linear, so they add up) and frees it."""
+@contextlib.contextmanager
+def moved_to_lookahead(params: dict, g_rl: dict, g_sft: dict, mu: float, alpha: float):
+    """Inside the block the parameters ARE theta'(mu): moved in place, one tensor's step at a time,
+    so the look-ahead costs no parameter-sized copy; on exit the same step is added back. Each
+    weight comes back within one rounding (1 ulp) of where it was: exact in value would need a
+    copy of theta, the very buffer this avoids."""
+    def move(sign):
+        with torch.no_grad():
+            for k, p in params.items():
+                step = lookahead_step(k, g_rl, g_sft, mu, alpha)
+                if step is not None:
+                    p.add_(step.to(p), alpha=sign)
+    move(-1)
+    try:
+        yield params
+    finally:
+        move(+1)
+
+
+def directional_derivatives(U, params: dict, g_rl: dict, g_sft: dict, chunks):
+    """(<grad U, g_SFT>, <grad U, g_RL>) at the parameters' current values, with no
+    parameter-sized gradient buffer: a hook dots each tensor's gradient with g_SFT and g_RL the
+    moment it is accumulated (per micro-batch: the dots are linear, so they add up) and frees it.
+    Their .grad is handed back as it was."""
     dots = torch.zeros(2, dtype=torch.float64)
-    hooks = []
-    for k, t in phi.items():
+    saved, hooks = {k: p.grad for k, p in params.items()}, []
+    for k, t in params.items():
+        t.grad = None
         if t.requires_grad and (k in g_rl or k in g_sft):
             def hook(t, k=k):
                 g = t.grad.reshape(-1)
@@ -326,38 +357,31 @@ def directional_derivatives(U, phi: dict, g_rl: dict, g_sft: dict, chunks):
                 t.grad = None
             hooks.append(t.register_post_accumulate_grad_hook(hook))
     try:
-        accumulate(lambda chunk: (U(phi, chunk), {}), chunks)
+        accumulate(lambda chunk: (U(chunk), {}), chunks)
     finally:
         for h in hooks:
             h.remove()
+        for k, p in params.items():
+            p.grad = saved[k]
     return dots[0].item(), dots[1].item()
 
 
+# Each estimator takes U(chunk): this micro-batch's share of U_sur, evaluated at the model's
+# current weights (whose tensors are `params`); the weights are where they were on return.
 def meta_grad_first_order(U, params, g_rl, g_sft, mu, alpha, chunks) -> float:
-    """The paper's estimate: dU/dmu ~ -alpha <grad U(theta), g_SFT - g_RL>. Uses the parameters
-    themselves as phi; their .grad is handed back as it was."""
-    saved = {k: p.grad for k, p in params.items()}
-    try:
-        for p in params.values():
-            p.grad = None
-        at_sft, at_rl = directional_derivatives(U, params, g_rl, g_sft, chunks)
-    finally:
-        for k, p in params.items():
-            p.grad = saved[k]
+    """The paper's estimate: dU/dmu ~ -alpha <grad U(theta), g_SFT - g_RL>."""
+    at_sft, at_rl = directional_derivatives(U, params, g_rl, g_sft, chunks)
     return -alpha * (at_sft - at_rl)
 
 
 def meta_grad_autograd(U, params, g_rl, g_sft, mu, alpha, chunks) -> float:
     """Exact dU_sur(theta'(mu))/dmu. theta'(mu) is linear in mu, so by the chain rule
     dU/dmu = <grad U(theta'), dtheta'/dmu> = -alpha <grad U(theta'), g_SFT - g_RL> exactly, with
-    grad U(theta') by autograd through torch.func.functional_call. (Backpropagating into a
-    leaf mu through the look-ahead gives the same number, a test checks it, but its backward holds
-    several parameter-sized temporaries per tensor; this holds theta' and one tensor's gradient.)"""
-    with torch.no_grad():
-        theta = lookahead({k: p.detach() for k, p in params.items()}, g_rl, g_sft, mu, alpha)
-    theta = {k: t.requires_grad_() if (k in g_rl or k in g_sft) else t for k, t in theta.items()}
-    at_sft, at_rl = directional_derivatives(U, theta, g_rl, g_sft, chunks)
-    return -alpha * (at_sft - at_rl)
+    grad U(theta') by autograd at the weights moved to theta'. (Backpropagating into a leaf mu
+    through the look-ahead gives the same number, a test checks it, but holds theta' and several
+    parameter-sized temporaries; this holds one tensor's gradient at a time.)"""
+    with moved_to_lookahead(params, g_rl, g_sft, mu, alpha):
+        return meta_grad_first_order(U, params, g_rl, g_sft, mu, alpha, chunks)
 
 
 def fd_step(params, g_rl, g_sft, alpha) -> float:
@@ -384,11 +408,10 @@ def fd_step(params, g_rl, g_sft, alpha) -> float:
 def meta_grad_fd(U, params, g_rl, g_sft, mu, alpha, chunks, h=None) -> float:
     """Central finite difference [U(theta'(mu+h)) - U(theta'(mu-h))] / 2h, summed in float64."""
     h = fd_step(params, g_rl, g_sft, alpha) if h is None else h
-    theta = {k: p.detach() for k, p in params.items()}
 
     def U_at(m):
-        theta_m = lookahead(theta, g_rl, g_sft, m, alpha)
-        return accumulate(lambda chunk: (U(theta_m, chunk).double(), {}), chunks, backward=False)["loss"]
+        with moved_to_lookahead(params, g_rl, g_sft, m, alpha):
+            return accumulate(lambda chunk: (U(chunk).double(), {}), chunks, backward=False)["loss"]
     return (U_at(mu + h) - U_at(mu - h)) / (2 * h)
 
 

@@ -96,7 +96,7 @@ def bench_train(model, device, N, T):
     return N * T / seconds, 6 * n_params * N * T / seconds / 1e12, peak
 
 
-def bench_steps(model_name, device, dtype, steps, B, G, C, sampler):
+def bench_steps(model_name, device, steps, B, G, C, sampler):
     """Median seconds per main-phase step of whole train.py runs, one per setting."""
     out = {}
     for label, method, every in [("fixed-mix", "fixed-mix", 1), ("amft, meta every step", "amft", 1),
@@ -105,14 +105,14 @@ def bench_steps(model_name, device, dtype, steps, B, G, C, sampler):
             run_dir = os.path.join(tmp, "run")
             train.main(train.Config(model=model_name, method=method, steps=steps, warmup=0, batch_size=B, group_size=G,
                                     max_new_tokens=C, meta_every=every, eval_every=10**6, eval_batch=B, save_every=0,
-                                    dtype=dtype, device=device, sampler=sampler, skip_test=True, out=run_dir))
+                                    device=device, sampler=sampler, skip_test=True, out=run_dir))  # the recipe's precision
             with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                 m = [json.loads(line) for line in f][2:]  # the first steps compile and warm caches
         out[label] = statistics.median(B * (1 + G) / x["samples_per_s"] for x in m)
     return out
 
 
-def bench_memory(model_name, device, dtype, estimators=("first-order", "autograd")):
+def bench_memory(model_name, device, estimators=("first-order", "autograd")):
     """Peak memory of a short whole-loop run (3 steps, the meta-gradient on the last 2), each
     estimator in its own process: peak RSS on a CPU, max allocated on a GPU, in bytes per
     parameter (summary.json's bytes_per_param)."""
@@ -122,7 +122,7 @@ def bench_memory(model_name, device, dtype, estimators=("first-order", "autograd
             cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
                    "--model", model_name, "--steps", "3", "--warmup", "1", "--batch-size", "2", "--group-size", "2",
                    "--max-new-tokens", "8", "--meta-every", "1", "--meta-grad", meta_grad, "--val-prompts", "1",
-                   "--skip-test", "--dtype", dtype, "--device", device, "--out", os.path.join(tmp, "run")]
+                   "--skip-test", "--device", device, "--out", os.path.join(tmp, "run")]  # the recipe's precision
             t = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
@@ -156,9 +156,9 @@ def main(argv=None):
     rows = bench_decode(model, tok, device, B, P, C, compile_too=cuda or a.compile)
     tokens_s, tflops, peak = bench_train(model, device, N, T)
     del model
-    steps = bench_steps(model_name, device, dtype, sSteps, sB, sG, sC, "compiled" if cuda else "generate")
+    steps = bench_steps(model_name, device, sSteps, sB, sG, sC, "compiled" if cuda else "generate")
     mem_model = "random-0.5b" if big or a.memory else "tiny"
-    peaks = bench_memory(mem_model, device, dtype, ("autograd",) if a.quick else ("first-order", "autograd")) \
+    peaks = bench_memory(mem_model, device, ("autograd",) if a.quick else ("first-order", "autograd")) \
         if big or a.memory or a.quick else []
 
     base = rows[0][1]

@@ -16,6 +16,7 @@ import copy
 import inspect
 import os
 import tempfile
+import types
 from typing import NamedTuple
 
 import torch
@@ -57,16 +58,19 @@ def make_tiny_model(path: str, n_layer=4, n_embd=128, n_head=4, max_len=128, see
 BUILT_IN = {"tiny": {}, "random-0.5b": QWEN_0_5B}  # built from a config with random weights (seeded)
 
 
-def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, grad_ckpt=False, seed=0):
+def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, grad_ckpt=False, seed=0, amp=False):
     """(model, tokenizer) from a hub id, an alias, a local folder, or a built-in name ('tiny',
     'random-0.5b': written by make_tiny_model to a temporary folder, loaded from it the same way,
     and the folder removed), optionally wrapped in LoRA adapters (peft) and with gradient
-    checkpointing. Raises ValueError with a one-line message when the model cannot be loaded."""
+    checkpointing. amp=True is mixed precision: every forward (sampling, log-probs, evaluation)
+    computes in bfloat16 under torch.autocast while the weights, gradients and optimizer state stay
+    in `dtype` (float32): bfloat16 weights would round away an update of lr 1e-6 on 98% of them.
+    Raises ValueError with a one-line message when the model cannot be loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name_or_path in BUILT_IN:
         with tempfile.TemporaryDirectory(prefix="amft-tiny-") as tmp:
             make_tiny_model(tmp, seed=seed, **BUILT_IN[name_or_path])
-            return load_policy(tmp, dtype, device, lora_r, grad_ckpt)
+            return load_policy(tmp, dtype, device, lora_r, grad_ckpt, amp=amp)
     name = ALIASES.get(name_or_path, name_or_path)
     if lora_r and os.path.isfile(os.path.join(name, "adapter_config.json")):
         raise ValueError("resuming a LoRA run is not supported yet; start again from its merged model/ folder")
@@ -94,6 +98,8 @@ def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, 
                                                            task_type="CAUSAL_LM"))
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if amp:  # bound to the model, so a deepcopy (the KL reference) rebinds it to the copy
+        model.forward = types.MethodType(torch.autocast(torch.device(device).type, dtype=torch.bfloat16)(type(model).forward), model)
     return model.to(device), tok
 
 
@@ -263,20 +269,16 @@ def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=
 
 
 # ---------------------------------------------------------------------------- log-probs
-def token_logprobs(model, ids, attn, temperature: float = 1.0, n_last=None, params=None, with_entropy=False):
+def token_logprobs(model, ids, attn, temperature: float = 1.0, n_last=None, with_entropy=False):
     """Log-probs of the last n_last tokens of each row given their prefix, (N, n_last), in
     float32 (float64 for a float64 model); with_entropy=True returns (logp, entropy), the
     entropy of each of those next-token distributions, without an autograd graph (it is only
     ever a metric or a stop-gradient weight). Only n_last + 1 positions of logits are computed
-    (the prompt's are never materialised). `params` evaluates the model at other weights
-    through torch.func.functional_call, as the meta-gradient's look-ahead needs."""
+    (the prompt's are never materialised)."""
     n = ids.shape[1] - 1 if n_last is None else n_last
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate()
     inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=n + 1)
-    if params is None:
-        logits = model(**inputs).logits
-    else:
-        logits = torch.func.functional_call(model, params, args=(), kwargs=inputs).logits
+    logits = model(**inputs).logits
     z = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (N, n, V)
     lse = torch.logsumexp(z, -1)                                        # (N, n)
     logp = z.gather(-1, ids[:, -n:, None]).squeeze(-1) - lse           # (N, n)

@@ -330,8 +330,8 @@ def _meta_setup(model, tok, seed=0, n_val=6, G=3):
     rl_loss = amft.grpo_loss(logp, logp.detach(), A_rl.to(dtype), roll.mask.to(dtype))[0]
     g_rl = dict(zip(params, torch.autograd.grad(rl_loss, list(params.values()))))
 
-    def U(theta, chunk):
-        lp = policy.token_logprobs(model, roll.ids[chunk], roll.attn[chunk], n_last=C, params=theta)
+    def U(chunk, at=model):  # at: the model, or a callable evaluating it at other weights
+        lp = policy.token_logprobs(at, roll.ids[chunk], roll.attn[chunk], n_last=C)
         return amft.policy_gradient_surrogate(lp, A_val[chunk].to(lp), roll.mask[chunk].to(lp), n=N)
     return params, g_sft, g_rl, U, [slice(0, N)]
 
@@ -352,10 +352,28 @@ def test_autograd_estimator_equals_backprop_into_a_leaf_mu(tiny64):
     model, tok = tiny64
     params, g_sft, g_rl, U, one = _meta_setup(model, tok, seed=3)
     mu = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
-    theta = {k: p.detach() for k, p in params.items()}
-    (leaf,) = torch.autograd.grad(U(amft.lookahead(theta, g_rl, g_sft, mu, 1e-2), one[0]), mu)
+    theta = amft.lookahead({k: p.detach() for k, p in params.items()}, g_rl, g_sft, mu, 1e-2)
+    at_theta = lambda **inputs: torch.func.functional_call(model, theta, args=(), kwargs=inputs)
+    (leaf,) = torch.autograd.grad(U(one[0], at=at_theta), mu)
+    before = {k: p.detach().clone() for k, p in params.items()}
     assert leaf != 0 and amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, 1e-2, one) == pytest.approx(leaf.item(), rel=1e-9)
     assert all(p.grad is None for p in params.values())  # and the model's .grad is left alone
+    # the weights were moved to theta' in place and back: within one rounding of where they were
+    for k, p in params.items():  # two roundings, each at most half an ulp of theta or theta'
+        bound = 2 ** -52 * (before[k].abs() + amft.lookahead_step(k, g_rl, g_sft, 0.6, 1e-2).abs())
+        assert ((p - before[k]).abs() <= bound).all(), k
+    assert any((p != before[k]).any() for k, p in params.items())  # (so the bound was tested)
+
+
+def test_the_look_ahead_in_place_holds_no_copy_of_the_weights_and_agrees_with_grad_checkpointing(tiny_path):
+    # theta' lives in the model's own tensors, so gradient checkpointing (which re-runs each layer's
+    # forward during backward) recomputes at theta' too: the estimate is the same with it on
+    model, tok = policy.load_policy(tiny_path, dtype=torch.float64)
+    params, g_sft, g_rl, U, one = _meta_setup(model, tok, seed=4)
+    plain = amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, 1e-2, one)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert plain != 0 and amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, 1e-2, one) == pytest.approx(plain, rel=1e-9)
 
 
 def test_finite_difference_is_right_in_float32_at_a_real_learning_rate(tiny_path):
@@ -397,7 +415,7 @@ def test_meta_step_moves_mu_toward_the_helpful_loss(sft_helps):
     c = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     params = {"w": torch.zeros(3, dtype=torch.float64, requires_grad=True)}
     g_sft, g_rl = ({"w": -c}, {"w": c}) if sft_helps else ({"w": c}, {"w": -c})
-    U = lambda theta, chunk: (c * theta["w"]).sum()
+    U = lambda chunk: (c * params["w"]).sum()
     estimates = [f(U, params, g_rl, g_sft, 0.5, 0.1, [slice(None)]) for f in amft.META_GRADS.values()]
     for g in estimates:
         assert g == pytest.approx(estimates[0]) and (g > 0) == sft_helps

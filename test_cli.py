@@ -134,6 +134,8 @@ def test_impossible_settings_are_refused_at_the_door(tmp_path, settings, message
     (["--method", "magic"], "--method"),
     (["--task", "/no/such/file.jsonl"], "existing file"),
     (["--meta-grad", "fd", "--dtype", "bfloat16"], "refused in bfloat16"),
+    (["--meta-grad", "fd", "--amp"], "refused in bfloat16"),
+    (["--amp", "--dtype", "float64"], "--amp computes in bfloat16 over float32 weights"),
     (["--eta-H", "-0.5"], "must be finite and >= 0"),
 ])
 def test_bad_input_one_line_error_and_no_output(tmp_path, args, message):
@@ -253,10 +255,10 @@ def test_a_pretrained_model_resolves_to_the_pretrained_recipe(instruct_path):
     cfg = train.parse_args(["--model", instruct_path])
     assert train.resolve(cfg, cuda=False) == "pretrained"
     assert (cfg.lr, cfg.warmup, cfg.meta_every, cfg.cards, cfg.target, cfg.prompt) == (1e-6, 50, 20, 4, 24, "plain")
-    assert (cfg.micro_batch, cfg.dtype, cfg.grad_ckpt, cfg.group_size) == (16, "float32", False, 8)
-    cfg = train.parse_args(["--model", "Qwen2.5-0.5B"])  # the headline command, on a GPU
+    assert (cfg.micro_batch, cfg.dtype, cfg.grad_ckpt, cfg.amp, cfg.group_size) == (16, "float32", True, False, 8)
+    cfg = train.parse_args(["--model", "Qwen2.5-0.5B"])  # the headline command, on a GPU: mixed precision
     train.resolve(cfg, cuda=True)
-    assert (cfg.recipe, cfg.lr, cfg.dtype, cfg.grad_ckpt) == ("pretrained", 1e-6, "bfloat16", True)
+    assert (cfg.recipe, cfg.lr, cfg.dtype, cfg.amp, cfg.grad_ckpt) == ("pretrained", 1e-6, "float32", True, True)
     cfg = train.parse_args(["--model", "Qwen2.5-0.5B", "--lr", "3e-6", "--no-grad-ckpt", "--cards", "3"])
     train.resolve(cfg, cuda=True)  # every explicit flag wins
     assert (cfg.lr, cfg.grad_ckpt, cfg.cards, cfg.target) == (3e-6, False, 3, 24)
@@ -282,5 +284,6 @@ def test_a_pretrained_like_checkpoint_trains_evaluates_and_resumes(tmp_path, ins
     res = run_cli("--resume", str(out), "--steps", "4")
     assert res.returncode == 0, res.stderr[-2000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
-    res = run_cli("--model", instruct_path, *budget, "--dtype", "bfloat16", "--skip-test", "--out", str(tmp_path / "bf16"))
-    assert res.returncode == 0, res.stderr[-2000:]  # bfloat16 on a CPU: slow, but it runs
+    for precision in (["--dtype", "bfloat16"], ["--amp"]):  # on a CPU too: slow, but they run
+        res = run_cli("--model", instruct_path, *budget, *precision, "--skip-test", "--out", str(tmp_path / precision[-1]))
+        assert res.returncode == 0, res.stderr[-2000:]

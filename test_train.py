@@ -180,3 +180,24 @@ def test_resume_continues_exactly(tmp_path):
     from safetensors.torch import load_file
     a, b = load_file(tmp_path / "straight" / "model" / "model.safetensors"), load_file(tmp_path / "split" / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixed_precision_computes_in_bfloat16_and_keeps_weights_that_a_small_lr_moves(tiny_path):
+    # the reason for --amp: in bfloat16 weights, an AdamW step of lr 1e-6 rounds away on most of them
+    changed = {}
+    for name, dtype, amp in (("bf16", torch.bfloat16, False), ("amp", torch.float32, True)):
+        model, tok = policy.load_policy(tiny_path, dtype=dtype, amp=amp)
+        demos = policy.sft_batch(tok, ["make 3: ", "make 2: "], ["1+2", "1*2"], tok.eos_token_id, "cpu")
+        assert model(input_ids=demos.ids).logits.dtype == torch.bfloat16  # computed in bfloat16 either way
+        amft.sft_loss(policy.token_logprobs(model, demos.ids, demos.attn, n_last=demos.mask.shape[1]), demos.mask).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True).step()
+        changed[name] = sum((p != b).sum().item() for p, b in zip(model.parameters(), before)) / sum(b.numel() for b in before)
+    assert changed["amp"] > 0.99 and changed["bf16"] < 0.2, changed
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # the KL reference, a deep copy, computes with its own weights (forward is rebound to the copy)
+    ref = policy.frozen_copy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(0.5)
+        assert not torch.equal(ref(input_ids=demos.ids).logits, model(input_ids=demos.ids).logits)

@@ -52,10 +52,10 @@ def arg(default, help):
 # plain words. Every flag given explicitly wins; config.json keeps the resolved values.
 RECIPES = {
     "tiny": dict(steps=700, warmup=250, batch_size=16, group_size=4, gp_new_tokens=16, lr=1e-3, micro_batch=0,
-                 grad_ckpt=False, dtype="float32", meta_every=10, cards=3, target=10, prompt="compact", eval_batch=64),
+                 grad_ckpt=False, amp=False, meta_every=10, cards=3, target=10, prompt="compact", eval_batch=64),
     "pretrained": dict(steps=500, warmup=50, batch_size=8, group_size=8, gp_new_tokens=256, lr=1e-6, micro_batch=16,
-                       grad_ckpt="on CUDA", dtype="bfloat16 on CUDA, else float32", meta_every=20, cards=4, target=24,
-                       prompt="plain", eval_batch=32),
+                       grad_ckpt=True, amp="on CUDA", meta_every=20, cards=4, target=24, prompt="plain",
+                       eval_batch=32),
 }
 
 
@@ -65,7 +65,7 @@ def resolve(cfg, cuda: bool) -> str:
     name = cfg.recipe if cfg.recipe != "auto" else ("tiny" if cfg.model == "tiny" else "pretrained")
     if name not in RECIPES:
         raise UsageError(f"--recipe must be auto, {' or '.join(RECIPES)}")
-    on_cuda = {"on CUDA": cuda, "bfloat16 on CUDA, else float32": "bfloat16" if cuda else "float32"}
+    on_cuda = {"on CUDA": cuda}
     for key, value in RECIPES[name].items():
         if key != "gp_new_tokens" and getattr(cfg, key) is None:
             setattr(cfg, key, on_cuda.get(value, value) if isinstance(value, str) else value)
@@ -97,6 +97,7 @@ class Config:
     grad_clip: float = arg(1.0, "clip the mixed gradient to this norm")
     micro_batch: int = arg(None, "sequences per forward/backward pass (gradients accumulate; the meta-gradient's too); 0 = all at once")
     grad_ckpt: bool = arg(None, "gradient checkpointing: less memory, ~30% more compute")
+    amp: bool = arg(None, "mixed precision: compute in bfloat16 (torch.autocast), keep float32 weights and AdamW state")
     lora_r: int = arg(0, "LoRA rank through peft (pip install peft); 0 = full fine-tuning")
     # GRPO
     eps_low: float = arg(0.2, "PPO clip, lower side")
@@ -121,7 +122,8 @@ class Config:
     save_every: int = arg(200, "steps between checkpoints (one is always written at the end); 0 = end only")
     max_bad_steps: int = arg(10, "stop after this many non-finite losses in a row")
     seed: int = arg(0, "random seed: model init, and separate streams for data order, validation prompts, sampling")
-    dtype: str = arg(None, "float32 | bfloat16 | float64")
+    dtype: str = arg("float32", "weights and optimizer state: float32 | bfloat16 (half the memory, but an update below a weight's "
+                     "resolution is lost: at lr 1e-6 most weights never move; prefer --amp) | float64 (exact checks)")
     device: str = arg("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
     out: str = arg("", "output folder (default: runs/<method>-<time>); must be new or empty")
     resume: str = arg("", "a run folder to continue from its checkpoint; flags given now override its config")
@@ -146,8 +148,10 @@ def check(cfg: Config):
         (cfg.method in amft.METHODS, f"--method must be one of {', '.join(amft.METHODS)}"),
         (cfg.meta_grad in amft.META_GRADS, f"--meta-grad must be one of {', '.join(amft.META_GRADS)}"),
         (cfg.dtype in ("float32", "bfloat16", "float64"), "--dtype must be float32, bfloat16 or float64"),
-        (not (cfg.meta_grad == "fd" and cfg.dtype == "bfloat16"), "--meta-grad fd is refused in bfloat16: no finite-difference "
-         "step is both above bfloat16's round-off and small enough to be accurate (20%+ error); use autograd or first-order"),
+        (not (cfg.meta_grad == "fd" and (cfg.dtype == "bfloat16" or cfg.amp)), "--meta-grad fd is refused in bfloat16 (and "
+         "with --amp): no finite-difference step is both above bfloat16's round-off and small enough to be accurate (20%+ "
+         "error); use autograd or first-order"),
+        (not (cfg.amp and cfg.dtype != "float32"), "--amp computes in bfloat16 over float32 weights: use it with --dtype float32"),
         (cfg.chat in ("auto", "on", "off"), "--chat must be auto, on or off"),
         (cfg.prompt in ("compact", "plain"), "--prompt must be compact or plain"),
         (cfg.sampler in ("generate", "loop", "compiled"), "--sampler must be generate, loop or compiled"),
@@ -272,8 +276,8 @@ def meta_gradient(model, tok, rows, *, params, g_rl, g_sft, mu, alpha, cfg, eos)
     A = amft.group_advantages(r)[0].flatten()                                  # (B_val * G,)
     ids, attn, mask, N = roll.ids, roll.attn, roll.mask, len(roll.texts)
 
-    def U(theta, sl):  # this micro-batch's share of the policy-gradient surrogate of validation reward
-        logp = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=mask.shape[1], params=theta)
+    def U(sl):  # this micro-batch's share of the policy-gradient surrogate of validation reward
+        logp = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=mask.shape[1])
         return amft.policy_gradient_surrogate(logp, A[sl].to(logp), mask[sl], n=N)
     estimator = amft.META_GRADS[cfg.meta_grad]
     dU = estimator(U, params=params, g_rl=g_rl, g_sft=g_sft, mu=mu, alpha=alpha, chunks=slices(N, cfg.micro_batch))
@@ -331,7 +335,7 @@ def main(cfg: Config):
         splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt)
         name = os.path.join(cfg.resume, "checkpoint") if cfg.resume else cfg.model
         model, tok = policy.load_policy(name, dtype=getattr(torch, cfg.dtype), device=device, lora_r=cfg.lora_r,
-                                        grad_ckpt=cfg.grad_ckpt, seed=cfg.seed)
+                                        grad_ckpt=cfg.grad_ckpt, seed=cfg.seed, amp=cfg.amp)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not cfg.max_new_tokens:
@@ -366,7 +370,7 @@ def main(cfg: Config):
         return summary
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # fused: no temporaries
     controller = amft.MuController(method, mu0=cfg.mu0, mu_min=cfg.mu_min, mu_max=cfg.mu_max, eta_meta=cfg.eta_meta,
                                    eta_H=cfg.eta_H, meta_every=cfg.meta_every,
                                    H_target=None if math.isnan(cfg.H_target) else cfg.H_target)
@@ -433,6 +437,7 @@ def main(cfg: Config):
             # ------------------------------------------------------------ parameter step on w_RL g_RL + w_SFT g_SFT
             m["w_rl"], m["w_sft"] = amft.loss_weights(method, controller.mu, H or 0.0, now.warm)
             m["grad_norm"] = set_grads(params, amft.mix_grads_(g_rl, g_sft, m["w_rl"], m["w_sft"]), cfg.grad_clip)
+            g_rl = g_sft = None  # mixed in place into p.grad: the second gradient buffer is freed before the step
             m["skipped"] = not (finite and math.isfinite(m["grad_norm"]))
             if not m["skipped"]:
                 opt.step()
