@@ -7,6 +7,7 @@ resume, random streams of their own, Ctrl-C that stops between steps, and the pr
 import contextlib
 import ctypes
 import json
+import math
 import os
 import pickle
 import shutil
@@ -18,9 +19,25 @@ import torch
 import model as policy
 
 
+def strict(obj):
+    """obj with every NaN or infinity replaced by None: json.dumps(strict(obj), allow_nan=False)
+    is JSON that strict parsers read (Python's json writes a bare NaN by default)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def to_json(obj, **kw) -> str:
+    return json.dumps(strict(obj), allow_nan=False, **kw)
+
+
 def atomic_json(obj, path):
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(to_json(obj, indent=2))
     os.replace(path + ".tmp", path)
 
 
@@ -30,7 +47,8 @@ def save_checkpoint(path, model, tok, opt, state: dict, ref_model=None):
     torch.load(weights_only=True). Written to path.tmp and swapped in: never half a checkpoint."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with policy.no_progress_bars():
+        model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     torch.save({"optimizer": opt.state_dict(), "state": state,
                 "ref": ref_model.state_dict() if ref_model is not None else None}, os.path.join(tmp, "trainer_state.pt"))

@@ -24,9 +24,11 @@ Math (all through `datasets`, from the hub or a local .jsonl/.json/.parquet of t
 Prompts ask for the final answer in \boxed{}.
 """
 import itertools
+import json
 import os
 import random
 import re
+import sys
 from fractions import Fraction
 
 import rewards
@@ -190,11 +192,46 @@ def math_row(ex: dict):
     return {"prompt": prompt, "demo": demo or None, "answer": str(answer)}
 
 
+def check_json_file(path: str):
+    """Read a .jsonl/.json task file ourselves before `datasets` does, so that an empty file or a
+    row that is not JSON is reported by file, row and reason in one line (ValueError)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"--task {path}: the file is empty")
+    if path.endswith(".jsonl"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"--task {path}: line {n} is not JSON ({e.msg}, column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"--task {path}: line {n} is not a JSON object ({{\"field\": value, ...}})")
+    else:
+        try:
+            json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"--task {path}: not JSON ({e.msg}, line {e.lineno}, column {e.colno})") from None
+
+
+def why_unusable(ex: dict) -> str:
+    """Why math_row(ex) is None, in a few words."""
+    fields = sorted(k for k, v in ex.items() if v is not None)
+    if any(k in fields for k in ("question", "problem", "prompt")):
+        return "no answer" if not any(k in fields for k in ("answer", "reward_model")) else "an empty question or answer"
+    return f"its fields {fields} match no schema"
+
+
 def _load_math(task: str):
     """A DatasetDict from a hub id (or its cache) or a local .jsonl/.json/.parquet file."""
     import datasets  # imported here: only these loaders need it
     if task in HUB:
         repo, name = HUB[task]
+        from model import OFFLINE_HINT, hub_reachable
+        if not hub_reachable() and os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+            raise ValueError(f"--task {task}: cannot load {repo}: {OFFLINE_HINT}; or save it as a file where there is "
+                             f"network and pass --task path/to/{task}.jsonl")
         try:
             return datasets.load_dataset(repo, name)
         except Exception as e:
@@ -204,6 +241,8 @@ def _load_math(task: str):
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(task)[1])
     if kind is None:
         raise ValueError(f"--task {task}: expected general-points, {', '.join(HUB)}, or a .jsonl/.json/.parquet file")
+    if kind == "json":
+        check_json_file(task)
     try:
         return datasets.load_dataset(kind, data_files=task)
     except Exception as e:
@@ -215,7 +254,16 @@ def math_task(task: str, seed: int = 0, test_frac=0.2, max_val=200):
     of the shuffled rows. Validation is 5% of train (at most max_val): the meta-gradient's U."""
     dd = _load_math(task)
     first = dd[list(dd)[0]]
-    rows = {name: [r for r in map(math_row, split) if r is not None] for name, split in dd.items()}
+    rows, skipped, total = {}, [], 0
+    for name, split in dd.items():
+        rows[name] = []
+        for i, ex in enumerate(split):
+            row = math_row(ex)
+            rows[name].append(row) if row is not None else skipped.append(f"{name} row {i + 1}: {why_unusable(ex)}")
+        total += len(split)
+    if skipped and any(rows.values()):  # reported, not dropped silently
+        print(f"note: --task {task}: {len(skipped)} of {total} rows skipped ({'; '.join(skipped[:3])}"
+              f"{'; ...' if len(skipped) > 3 else ''})", file=sys.stderr)
     if not any(rows.values()):
         raise ValueError(f"--task {task}: no usable rows; fields found: {first.column_names}; expected "
                          "question/answer (GSM8K), problem/solution/answer (MATH), prompt/target/reward_model "
@@ -267,6 +315,7 @@ def reward(row: dict, completion: str) -> float:
 def hands_from_file(path: str, target: int, seed: int = 0, style: str = "compact"):
     """Splits like general_points(), but of the hands in a local .jsonl/.json file."""
     import datasets  # imported here: only this loader needs it
+    check_json_file(path)
     ds = datasets.load_dataset("json", data_files=path, split="train")
     if "cards" not in ds.column_names:
         raise ValueError(f"--task {path}: rows need a 'cards' field (list of ranks), "

@@ -12,11 +12,14 @@ Log-probs (one function for policy, old and reference):
     logp[b, t] = log softmax(logits[b, t] / temperature)[ids[b, t + 1]]
     entropy[b, t] = logsumexp(z) - sum softmax(z) * z,   z = logits[b, t] / temperature
 """
+import contextlib
 import copy
 import inspect
 import os
+import socket
 import tempfile
 import types
+import urllib.parse
 from typing import NamedTuple
 
 import torch
@@ -55,6 +58,38 @@ def make_tiny_model(path: str, n_layer=4, n_embd=128, n_head=4, max_len=128, see
     return path
 
 
+@contextlib.contextmanager
+def no_progress_bars():
+    """transformers' "Loading weights" / "Writing model shards" bars, off for the block: they say
+    nothing about a model we write ourselves or a checkpoint (downloads keep theirs)."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) takes a connection within `timeout` seconds.
+    Without this check an offline machine spends about 50 s in retries before its error. False
+    under HF_HUB_OFFLINE=1; True behind a proxy (which we cannot probe)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+OFFLINE_HINT = "the hub is unreachable (set HF_HUB_OFFLINE=1 to use the local cache without trying it)"
+
 BUILT_IN = {"tiny": {}, "random-0.5b": QWEN_0_5B}  # built from a config with random weights (seeded)
 
 
@@ -68,17 +103,21 @@ def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, 
     Raises ValueError with a one-line message when the model cannot be loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name_or_path in BUILT_IN:
-        with tempfile.TemporaryDirectory(prefix="amft-tiny-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="amft-tiny-") as tmp, no_progress_bars():
             make_tiny_model(tmp, seed=seed, **BUILT_IN[name_or_path])
             return load_policy(tmp, dtype, device, lora_r, grad_ckpt, amp=amp)
     name = ALIASES.get(name_or_path, name_or_path)
     if lora_r and os.path.isfile(os.path.join(name, "adapter_config.json")):
         raise ValueError("resuming a LoRA run is not supported yet; start again from its merged model/ folder")
+    cache_only = not os.path.isdir(name) and not hub_reachable()  # offline: the cache, at once
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=cache_only)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=cache_only)
     except (OSError, ValueError, KeyError) as e:
-        where = "local folder" if os.path.isdir(name) else "hub id (no network or cache?)"
+        if cache_only:
+            raise ValueError(f"cannot load model {name_or_path!r}: it is not in the local cache and {OFFLINE_HINT}; "
+                             "or pass a local folder") from None
+        where = "local folder" if os.path.isdir(name) else "hub id"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load model {name_or_path!r} as a {where}: {first}") from None
     if dtype == torch.float64:

@@ -22,7 +22,7 @@ import torch
 import model as policy
 import train
 
-from conftest import HERE, run, run_cli
+from conftest import HERE, SMALL, run, run_cli
 
 
 def test_cli_smoke_run_writes_outputs(tmp_path):
@@ -152,6 +152,36 @@ def test_task_file_without_fields_is_rejected_by_cli(tmp_path):
     res = run_cli("--task", str(bad), "--steps", "2", "--out", str(tmp_path / "run"))
     assert res.returncode != 0 and "no usable rows" in res.stderr and "question" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "the file is empty"),
+    ('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": "4"}\n{"prompt": "3+3?" "answer": 6}\n',
+     "line 3 is not JSON"),
+    ('{"prompt": "1+1?", "answer": "2"}\n[1, 2]\n', "line 2 is not a JSON object"),
+])
+def test_empty_or_broken_task_file_names_the_file_row_and_reason(tmp_path, text, message):
+    path = tmp_path / "task.jsonl"
+    path.write_text(text)
+    with pytest.raises(train.UsageError, match=message):
+        train.main(train.Config(task=str(path), steps=1, out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_small_task_file_is_refused_at_the_door_and_unusable_rows_are_reported(tmp_path, capsys):
+    rows = [{"prompt": f"{a}+1?", "answer": str(a + 1), "demo": f"\\boxed{{{a + 1}}}"} for a in range(16)]
+    path = tmp_path / "small.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(train.UsageError, match="12 train / 1 val / 3 test rows, too few for --batch-size 16"):
+        train.main(train.Config(task=str(path), steps=1, out=str(tmp_path / "run")))  # tiny recipe: B = 16
+    assert not (tmp_path / "run").exists()
+    rows[4].pop("answer")
+    rows[9]["answer"] = ""
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    train.main(train.Config(task=str(path), steps=1, batch_size=2, group_size=2, max_new_tokens=4, warmup=0,
+                            eval_every=1000, save_every=0, skip_test=True, out=str(tmp_path / "run")))
+    err = capsys.readouterr().err
+    assert "2 of 16 rows skipped (train row 5: no answer; train row 10: an empty question or answer)" in err, err
 
 
 def test_diverging_run_skips_non_finite_steps_then_stops(tmp_path):
@@ -287,3 +317,26 @@ def test_a_pretrained_like_checkpoint_trains_evaluates_and_resumes(tmp_path, ins
     for precision in (["--dtype", "bfloat16"], ["--amp"]):  # on a CPU too: slow, but they run
         res = run_cli("--model", instruct_path, *budget, *precision, "--skip-test", "--out", str(tmp_path / precision[-1]))
         assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_eval_only_of_a_run_scores_the_run_own_test_split(tmp_path, tiny_path, capsys):
+    # trained with seed 1, evaluated with no flags: the same test prompts it was scored on after training
+    summary, _, out = run(tmp_path, model=tiny_path, seed=1, steps=1, warmup=1, skip_test=False, **SMALL)
+    assert summary["seed"] == 1
+    for where in (out / "model", out):
+        again = train.main(train.parse_args(["--eval-only", "--model", str(where), "--out", str(tmp_path / f"eval-{where.name}")]))
+        assert (again["seed"], again["test_prompts_crc32"], again["id_accuracy"]) == (1, summary["test_prompts_crc32"], summary["id_accuracy"])
+        assert again["test_prompts"] == summary["test_prompts"] and "task settings" in capsys.readouterr().out
+    other = train.main(train.parse_args(["--eval-only", "--model", str(out / "model"), "--seed", "0", "--out", str(tmp_path / "eval0")]))
+    assert other["test_prompts_crc32"] != summary["test_prompts_crc32"]
+    assert "--seed 0 (the run's: 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--model", "Qwen2.5-0.5B"], ["--task", "gsm8k"]])
+def test_an_unreachable_hub_fails_at_once_and_says_how_to_run_offline(tmp_path, args):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy")}
+    env["HF_ENDPOINT"] = "https://127.0.0.1"  # nothing listens on its port 443: refused at once
+    res = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args, "--steps", "1", "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=HERE)
+    assert res.returncode != 0 and "hub is unreachable" in res.stderr and "HF_HUB_OFFLINE=1" in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().count("\n") == 0 and not (tmp_path / "run").exists()

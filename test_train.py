@@ -82,13 +82,17 @@ def test_non_finite_entropy_loss_and_meta_gradient_in_the_loop(tmp_path, warm_pa
         return (math.nan if calls["meta"] == 2 else dU), val_reward
     monkeypatch.setattr(train, "rl_backward", rl_backward)
     monkeypatch.setattr(train, "meta_gradient", meta_gradient)
-    summary, lines, _ = run(tmp_path, model=warm_path, method="amft", steps=7, warmup=1, meta_every=1, **SMALL)
+    summary, lines, out = run(tmp_path, model=warm_path, method="amft", steps=7, warmup=1, meta_every=1, **SMALL)
     mu = [m["mu"] for m in lines]
     assert len(lines) == 7 and all(math.isfinite(x) for x in mu) and math.isfinite(summary["final_mu"])
     assert mu[2] == mu[1] and mu[3] == mu[1] and mu[4] == mu[1] and mu[5] != mu[4]
     assert [m["mu_rejected"] for m in lines[1:]] == [0, 1, 2, 3, 3, 3] and summary["mu_rejected"] == 3
     assert lines[4]["skipped"] and not lines[5]["skipped"] and lines[4]["meta_grad"] is None  # no meta-gradient on a bad step
-    assert lines[2]["meta_grad"] is None and math.isnan(lines[3]["meta_grad"]) and calls["meta"] == 4
+    assert lines[2]["meta_grad"] is None and lines[3]["meta_grad"] is None and calls["meta"] == 4  # NaN is written null
+    for name in ("metrics.jsonl", "config.json", "summary.json"):  # strict JSON: no bare NaN or Infinity
+        text = (out / name).read_text()
+        assert all(json.loads(line, parse_constant=lambda c: pytest.fail(f"{name}: {c}")) for line in
+                   (text.splitlines() if name.endswith("l") else [text]))
     assert all(m["H_target"] == lines[1]["entropy"] for m in lines[2:]) and math.isfinite(lines[5]["meta_grad_scaled"])
 
 

@@ -113,7 +113,7 @@ class Config:
     meta_grad: str = arg("first-order", "first-order | autograd | fd (not in bfloat16)")
     meta_alpha: float = arg(0.0, "look-ahead step alpha; 0 = use --lr")
     val_prompts: int = arg(8, "validation prompts (x G samples) per meta-gradient")
-    H_target: float = arg(float("nan"), "target entropy in nats; nan = measure on the first step after warm-up")
+    H_target: float = arg(None, "target entropy in nats (default: measured on the first step after warm-up)")
     # run
     eval_every: int = arg(50, "steps between greedy accuracy checks on the validation split")
     eval_batch: int = arg(None, "prompts per generate call when evaluating")
@@ -159,7 +159,7 @@ def check(cfg: Config):
         (0 <= cfg.mu0 <= 1, "--mu0 must be in [0, 1]"),
         (all(math.isfinite(x) and x >= 0 for x in (cfg.eta_meta, cfg.eta_H, cfg.meta_alpha)),
          "--eta-meta, --eta-H and --meta-alpha must be finite and >= 0 (the signs are fixed by the algorithm)"),
-        (math.isnan(cfg.H_target) or (math.isfinite(cfg.H_target) and cfg.H_target >= 0), "--H-target must be >= 0 (or nan: measure it)"),
+        (cfg.H_target is None or (math.isfinite(cfg.H_target) and cfg.H_target >= 0), "--H-target must be finite and >= 0"),
         (cfg.group_size >= 2, "--group-size (G) must be at least 2: advantages compare samples of one prompt"),
         (cfg.steps >= 1 and cfg.batch_size >= 1 and cfg.max_new_tokens >= 0, "--steps and --batch-size must be >= 1"),
         (min(cfg.warmup, cfg.micro_batch, cfg.pass_k, cfg.save_every, cfg.lora_r) >= 0, "counts must be >= 0"),
@@ -332,12 +332,16 @@ def main(cfg: Config):
     val_rng = random.Random(f"val-{cfg.seed}")      # validation prompts of the meta-gradient
     val_stream = {"seed": cfg.seed + 1_000_003}     # ... and their rollouts (torch_stream)
     try:
-        splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt)
         name = os.path.join(cfg.resume, "checkpoint") if cfg.resume else cfg.model
         model, tok = policy.load_policy(name, dtype=getattr(torch, cfg.dtype), device=device, lora_r=cfg.lora_r,
                                         grad_ckpt=cfg.grad_ckpt, seed=cfg.seed, amp=cfg.amp)
+        splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    sizes = f"{len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test rows"
+    if not splits["test"] or (not cfg.eval_only and len(splits["train"]) < cfg.batch_size):
+        raise UsageError(f"--task {cfg.task}: {sizes}, too few for --batch-size {cfg.batch_size} and a test split; "
+                         "use more rows or a smaller --batch-size")
     if not cfg.max_new_tokens:
         cfg.max_new_tokens = RECIPES[recipe]["gp_new_tokens"] if "test_ood" in splits else 512
     print(f"recipe: {recipe} (" + ", ".join(f"{k}={getattr(cfg, k)}" for k in [*RECIPES[recipe], "max_new_tokens"]
@@ -348,6 +352,8 @@ def main(cfg: Config):
     for split, rows in splits.items():  # training rows are formatted as they are drawn (reshuffled)
         for r in rows if split != "train" else []:
             r["prompt"] = policy.format_prompt(tok, r["prompt"], chat)
+    scored = dict(seed=cfg.seed, test_prompts=len(splits["test"]),  # which test split the summary scores
+                  test_prompts_crc32=zlib.crc32("\n".join(r["prompt"] for r in splits["test"]).encode()))
     # only now, with every input checked, do we create the output folder
     out = cfg.resume or cfg.out or os.path.join("runs", f"{'eval' if cfg.eval_only else cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
@@ -364,16 +370,16 @@ def main(cfg: Config):
 
     if cfg.eval_only:
         summary = dict(method="eval-only", model=cfg.model, task=cfg.task, steps=0, **test_all(cfg.pass_k),
-                       test_prompts=len(splits["test"]), wall_seconds=round(time.time() - t_start, 1), device=device)
+                       **scored, wall_seconds=round(time.time() - t_start, 1), device=device)
         checkpoint.atomic_json(summary, os.path.join(out, "summary.json"))
-        print(json.dumps(summary))
+        print(checkpoint.to_json(summary))
         return summary
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # fused: no temporaries
     controller = amft.MuController(method, mu0=cfg.mu0, mu_min=cfg.mu_min, mu_max=cfg.mu_max, eta_meta=cfg.eta_meta,
                                    eta_H=cfg.eta_H, meta_every=cfg.meta_every,
-                                   H_target=None if math.isnan(cfg.H_target) else cfg.H_target)
+                                   H_target=cfg.H_target)
     alpha = cfg.meta_alpha or cfg.lr
     train_rows, val_rows = splits["train"], splits["val"]
     ref_model = None
@@ -449,7 +455,7 @@ def main(cfg: Config):
             m.update(samples_per_s=n_samples / (time.time() - t0), samples_seen=state["samples_seen"])
             if state["step"] % cfg.eval_every == 0 or (state["step"] == cfg.steps and not cfg.skip_test):  # not in samples_per_s
                 m["val_accuracy"] = evaluate(model, tok, val_rows, cfg, eos)["accuracy"]
-            log.write(json.dumps(m) + "\n")
+            log.write(checkpoint.to_json(m) + "\n")
             log.flush()
             pbar.set_postfix({k: f"{m[k]:.3f}" for k in ("mu", "reward_mean", "entropy", "sft_loss") if m[k] is not None})
             if stop or (cfg.save_every and state["step"] % cfg.save_every == 0):
@@ -461,12 +467,13 @@ def main(cfg: Config):
     save()
     after = test_all(cfg.pass_k)
     final = model.merge_and_unload() if cfg.lora_r else model
-    final.save_pretrained(os.path.join(out, "model"))
+    with policy.no_progress_bars():
+        final.save_pretrained(os.path.join(out, "model"))
     tok.save_pretrained(os.path.join(out, "model"))
     summary = dict(method=cfg.method, model=cfg.model, task=cfg.task, steps=cfg.steps, **after,
                    **{f"{k}_before": v for k, v in state["before"].items()},
                    final_mu=controller.mu if method.mixes else None, H_target=controller.H_target,
-                   mu_rejected=controller.rejected, skipped_steps=state["skipped"], test_prompts=len(splits["test"]),
+                   mu_rejected=controller.rejected, skipped_steps=state["skipped"], **scored,
                    wall_seconds=round(time.time() - t_start, 1), device=device, peak_memory_gib=round(peak / 2**30, 3),
                    bytes_per_param=round(peak / sum(p.numel() for p in model.parameters()), 1))
     checkpoint.atomic_json(summary, os.path.join(out, "summary.json"))
@@ -505,6 +512,38 @@ def parse_args(argv=None) -> Config:
             cfg = Config(**{**saved, **vars(parser(False).parse_args(argv))})
         except (ValueError, TypeError) as e:
             sys.exit(f"error: --resume {cfg.resume}: config.json is damaged ({e})")
+    if cfg.eval_only:
+        cfg = bind_to_run(cfg, explicit=vars(parser(False).parse_args(argv)))
+    return cfg
+
+
+RUN_DATA = ("task", "seed", "cards", "target", "prompt", "chat", "recipe", "max_new_tokens", "temperature")
+
+
+def bind_to_run(cfg: Config, explicit: dict) -> Config:
+    """--eval-only of a run (its folder or its model/ folder) scores the run's own test split: the
+    task settings (RUN_DATA) come from the run's config.json unless given, and a flag that changes
+    them gets a warning, since another seed's test split can hold the run's training rows."""
+    model = os.path.normpath(cfg.model)
+    run = next((d for d in (model, os.path.dirname(model)) if os.path.isfile(os.path.join(d, "metrics.jsonl"))
+                and os.path.isfile(os.path.join(d, "config.json"))), None)
+    if run is None:
+        return cfg
+    try:
+        with open(os.path.join(run, "config.json")) as f:
+            saved = json.load(f)
+    except ValueError as e:
+        sys.exit(f"error: {run}/config.json is damaged ({e})")
+    if run == model:
+        cfg.model = os.path.join(run, "model")
+    for key in RUN_DATA:
+        if key not in explicit and saved.get(key) is not None:
+            setattr(cfg, key, saved[key])
+    print(f"eval-only: {run}'s task settings (" + ", ".join(f"{k}={getattr(cfg, k)}" for k in RUN_DATA) + ")")
+    changed = [f"--{k.replace('_', '-')} {explicit[k]} (the run's: {saved.get(k)})" for k in RUN_DATA
+               if k in explicit and explicit[k] != saved.get(k)]
+    if changed:
+        print(f"warning: {'; '.join(changed)}: not the run's test split, which may hold rows it trained on", file=sys.stderr)
     return cfg
 
 
