@@ -21,6 +21,8 @@ Rows of the table:
               on a GPU, peak RSS on a CPU (--memory; about 8 minutes on 2 cores).
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import statistics
@@ -79,7 +81,7 @@ def bench_decode(model, tok, device, B, P, C, compile_too):
 
 def bench_train(model, device, N, T):
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.set_checkpointing(model, True)
     ids = torch.randint(0, model.config.vocab_size, (N, T), device=device)
     attn = torch.ones_like(ids)
 
@@ -90,7 +92,7 @@ def bench_train(model, device, N, T):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, device, repeat=2)
-    model.gradient_checkpointing_disable()
+    policy.set_checkpointing(model, False)
     n_params = sum(p.numel() for p in model.parameters())
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     return N * T / seconds, 6 * n_params * N * T / seconds / 1e12, peak
@@ -103,9 +105,10 @@ def bench_steps(model_name, device, steps, B, G, C, sampler):
                                  ("amft, meta every 20", "amft", 20)]:
         with tempfile.TemporaryDirectory(prefix="amft-bench-") as tmp:
             run_dir = os.path.join(tmp, "run")
-            train.main(train.Config(model=model_name, method=method, steps=steps, warmup=0, batch_size=B, group_size=G,
-                                    max_new_tokens=C, meta_every=every, eval_every=10**6, eval_batch=B, save_every=0,
-                                    device=device, sampler=sampler, skip_test=True, out=run_dir))  # the recipe's precision
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # only the table
+                train.main(train.Config(model=model_name, method=method, steps=steps, warmup=0, batch_size=B, group_size=G,
+                                        max_new_tokens=C, meta_every=every, eval_every=10**6, eval_batch=B, save_every=0,
+                                        device=device, sampler=sampler, skip_test=True, out=run_dir))  # the recipe's precision
             with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                 m = [json.loads(line) for line in f][2:]  # the first steps compile and warm caches
         out[label] = statistics.median(B * (1 + G) / x["samples_per_s"] for x in m)

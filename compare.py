@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import amft
@@ -25,10 +26,11 @@ import train
 
 
 def mean_std(xs):
+    """'mean ± std' over seeds; one seed has no spread to show, so just its value."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return "n/a"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+    return f"{xs[0]:.3f}" if len(xs) == 1 else f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
 def table(results, settings: str) -> str:
@@ -68,20 +70,23 @@ def main(argv=None):
                          else "error: --seeds and --steps must be >= 1")
     out = a.out or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
-    results, t0 = {}, time.time()
+    results, t0, trained, reused = {}, time.time(), 0, 0
     for method in methods:
         for seed in range(seeds):
             run = os.path.join(out, f"{method}-seed{seed}")
+            reused += os.path.isfile(os.path.join(run, "summary.json"))
             if not os.path.isfile(os.path.join(run, "summary.json")):  # a finished run is reused
+                trained += 1
                 if os.path.isdir(run):
                     os.rename(run, f"{run}.incomplete-{time.strftime('%H%M%S')}")
                 train.main(train.Config(method=method, seed=seed, steps=steps, warmup=warmup, batch_size=a.batch_size,
                                         group_size=a.group_size, eval_every=eval_every, save_every=0, out=run))
             with open(os.path.join(run, "summary.json")) as f:
                 results.setdefault(method, []).append({"summary": json.load(f), "metrics": plots.load_metrics(run)})
-    settings = (f"`python compare.py{' --quick' if a.quick else ''}`: {len(methods)} methods x {seeds} seeds, {steps} steps "
+    command = " ".join(["python compare.py", *(sys.argv[1:] if argv is None else argv)])
+    settings = (f"`{command}`: {len(methods)} methods x {seeds} seeds, {steps} steps "
                 f"({warmup} SFT warm-up for amft*, fixed-mix, sft-grpo), B={a.batch_size}, G={a.group_size}; "
-                f"total {time.time() - t0:.0f} s")
+                f"{time.time() - t0:.0f} s in this call ({trained} runs trained, {reused} reused)")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table(results, settings))
     figure = plots.plot_comparison(results, os.path.join(out, "comparison.png"))

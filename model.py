@@ -136,10 +136,21 @@ def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, 
         model = peft.get_peft_model(model, peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear",
                                                            task_type="CAUSAL_LM"))
     if grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model, True)
     if amp:  # bound to the model, so a deepcopy (the KL reference) rebinds it to the copy
         model.forward = types.MethodType(torch.autocast(torch.device(device).type, dtype=torch.bfloat16)(type(model).forward), model)
     return model.to(device), tok
+
+
+def set_checkpointing(model, on: bool):
+    """Gradient (activation) checkpointing on or off, under the name this transformers has
+    (`gradient_checkpointing_*` is deprecated from 5.x on)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}) if on \
+            else model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}) if on \
+            else model.gradient_checkpointing_disable()
 
 
 def frozen_copy(model):
@@ -253,7 +264,7 @@ def _generate(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy):
     model's generation config is a blank one, and ours sets temperature only."""
     from transformers import GenerationConfig
     plain = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, do_sample=not greedy,
-                             top_k=0, top_p=1.0, **({} if greedy else {"temperature": temperature}))
+                             **({} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}))
     saved, model.generation_config = model.generation_config, GenerationConfig()
     try:
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=plain)
@@ -316,7 +327,8 @@ def token_logprobs(model, ids, attn, temperature: float = 1.0, n_last=None, with
     (the prompt's are never materialised)."""
     n = ids.shape[1] - 1 if n_last is None else n_last
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate()
-    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=n + 1)
+    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=n + 1,
+                  use_cache=False)  # scoring needs no KV cache
     logits = model(**inputs).logits
     z = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (N, n, V)
     lse = torch.logsumexp(z, -1)                                        # (N, n)

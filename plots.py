@@ -33,7 +33,7 @@ def plot_run(run_dir):
         return None
     m = load_metrics(run_dir)
     steps = [x["step"] for x in m]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)  # one step axis (warm-up steps have no entropy)
     axes[0].plot(steps, [x["w_sft"] for x in m], label="w_SFT (weight on imitation)")
     if any(x["mu"] is not None for x in m):
         axes[0].plot(steps, [x["mu"] for x in m], "--", label="mu")
@@ -47,7 +47,11 @@ def plot_run(run_dir):
     if val:
         axes[2].plot(*zip(*val), "o-", label="val greedy accuracy")
     axes[2].set(xlabel="step", ylim=(0, 1.05), title="reward")
+    warm = [x["step"] for x in m if x["phase"] == "warmup"]
     for ax in axes:
+        if warm and len(warm) < len(m):
+            ax.axvline(max(warm) + 0.5, color="gray", lw=0.8, ls=":", label="end of SFT warm-up")
+        ax.set_xlim(steps[0], steps[-1] + 1)
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(run_dir, "curves.png")

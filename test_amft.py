@@ -371,7 +371,7 @@ def test_the_look_ahead_in_place_holds_no_copy_of_the_weights_and_agrees_with_gr
     model, tok = policy.load_policy(tiny_path, dtype=torch.float64)
     params, g_sft, g_rl, U, one = _meta_setup(model, tok, seed=4)
     plain = amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, 1e-2, one)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.set_checkpointing(model, True)
     model.train()
     assert plain != 0 and amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, 1e-2, one) == pytest.approx(plain, rel=1e-9)
 

@@ -238,6 +238,7 @@ def test_compare_quick_writes_table_and_figure(tmp_path):
     assert set(results) == {"sft", "amft"} and all(len(r) == 2 for r in results.values())
     table = (tmp_path / "results.md").read_text()
     assert "| sft |" in table and "| amft |" in table and "±" in table
+    assert "`python compare.py --quick --methods sft,amft --seeds 2 --steps 3" in table and "(4 runs trained, 0 reused)" in table
     try:
         import matplotlib  # noqa: F401  (optional: without it the table is still written)
         assert (tmp_path / "comparison.png").stat().st_size > 10_000 and (tmp_path / "amft-seed1" / "curves.png").exists()
@@ -247,6 +248,8 @@ def test_compare_quick_writes_table_and_figure(tmp_path):
     before = (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime
     compare.main(["--methods", "sft", "--seeds", "1", "--steps", "3", "--out", str(tmp_path)])
     assert (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime == before
+    one_seed = (tmp_path / "results.md").read_text()  # one seed: its value, no "± 0.000"
+    assert "| sft |" in one_seed and "±" not in one_seed and "(0 runs trained, 1 reused)" in one_seed
 
 
 def test_bench_quick_prints_every_row():

@@ -174,9 +174,11 @@ def test_demonstrations_in_the_group_share_one_token_mean(tiny64, shaped):
 def test_resume_continues_exactly(tmp_path):
     common = dict(steps=6, warmup=2, batch_size=3, group_size=2, meta_every=2, eval_every=100, beta=0.05)
     run(tmp_path, "straight", **common)
-    run(tmp_path, "split", **dict(common, steps=3))
+    first, _, _ = run(tmp_path, "split", **dict(common, steps=3))
     resumed = run_cli("--resume", str(tmp_path / "split"), "--steps", "6")  # as a user resumes
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())  # the run's total time, and this call's
+    assert summary["wall_seconds"] >= summary["wall_seconds_this_call"] + 0.8 * first["wall_seconds"]
     drop = {"samples_per_s", "val_accuracy"}
     lines = lambda d: [{k: v for k, v in json.loads(line).items() if k not in drop} for line in (d / "metrics.jsonl").read_text().splitlines()]
     straight, split = lines(tmp_path / "straight"), lines(tmp_path / "split")

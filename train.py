@@ -384,7 +384,7 @@ def main(cfg: Config):
     train_rows, val_rows = splits["train"], splits["val"]
     ref_model = None
     # everything the loop carries from step to step, besides the weights: what a checkpoint holds
-    state = {"step": 0, "bad_in_row": 0, "skipped": 0, "samples_seen": 0, "order": [], "before": None}
+    state = {"step": 0, "bad_in_row": 0, "skipped": 0, "samples_seen": 0, "order": [], "before": None, "wall_seconds": 0.0}
     if cfg.resume:
         try:
             state, ref_model = checkpoint.load_checkpoint(os.path.join(out, "checkpoint"), model, opt)
@@ -403,8 +403,11 @@ def main(cfg: Config):
     print(f"{cfg.method}: {len(train_rows)} train / {len(val_rows)} val / {len(splits['test'])} test prompts; "
           f"before training {state['before']}")
 
+    earlier = state.get("wall_seconds", 0.0)  # the run's time before a resume
+
     def save():
-        state.update(controller=controller.state_dict(), rng=checkpoint.streams(data_rng, val_rng, val_stream))
+        state.update(controller=controller.state_dict(), rng=checkpoint.streams(data_rng, val_rng, val_stream),
+                     wall_seconds=earlier + time.time() - t_start)
         checkpoint.save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
 
     pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc=cfg.method, dynamic_ncols=True)
@@ -474,7 +477,8 @@ def main(cfg: Config):
                    **{f"{k}_before": v for k, v in state["before"].items()},
                    final_mu=controller.mu if method.mixes else None, H_target=controller.H_target,
                    mu_rejected=controller.rejected, skipped_steps=state["skipped"], **scored,
-                   wall_seconds=round(time.time() - t_start, 1), device=device, peak_memory_gib=round(peak / 2**30, 3),
+                   wall_seconds=round(earlier + time.time() - t_start, 1), wall_seconds_this_call=round(time.time() - t_start, 1),
+                   device=device, peak_memory_gib=round(peak / 2**30, 3),
                    bytes_per_param=round(peak / sum(p.numel() for p in model.parameters()), 1))
     checkpoint.atomic_json(summary, os.path.join(out, "summary.json"))
     figure = plots.plot_run(out)
@@ -494,12 +498,14 @@ def parse_args(argv=None) -> Config:
             text = f.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
             shown = (f"tiny {RECIPES['tiny'][f.name]}, pretrained {RECIPES['pretrained'][f.name]}"
                      if f.name in RECIPES["tiny"] else f.default)
+            if "(default" in text:  # the help says it in words already
+                shown = None
             if f.type in (bool, "bool"):  # --grad-ckpt / --no-grad-ckpt: either may override the recipe
                 action = argparse.BooleanOptionalAction if f.default is None else "store_true"
-                p.add_argument(flag, action=action, default=default, help=f"{text} (default: {shown})")
+                p.add_argument(flag, action=action, default=default, help=text + ("" if shown is None else f" (default: {shown})"))
             else:
                 kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {shown})")
+                p.add_argument(flag, type=kind, default=default, help=text + ("" if shown is None else f" (default: {shown})"))
         return p
     cfg = Config(**vars(parser(True).parse_args(argv)))
     if cfg.resume:
