@@ -305,11 +305,11 @@ def _has_cards(path: str) -> bool:
     return '"cards"' in head
 
 
-def reward(row: dict, completion: str) -> float:
-    """The task's verifier for one completion."""
+def reward(row: dict, completion: str, verifier: str = "builtin") -> float:
+    """The task's verifier for one completion (`verifier`: the math one, rewards.resolve_verifier)."""
     if "values" in row:
         return rewards.general_points_reward(completion, row["values"], row["target"])
-    return rewards.math_reward(completion, row["answer"])
+    return rewards.math_reward(completion, row["answer"], verifier)
 
 
 def hands_from_file(path: str, target: int, seed: int = 0, style: str = "compact"):

@@ -18,11 +18,17 @@ ground truth go through the same normalizer (LaTeX fractions, thousands commas, 
 %, `x = 5`), then compare as exact rationals when both are numbers and as strings otherwise.
 There is deliberately no percent equivalence ("50" != "0.5"): an RL policy would learn to
 exploit it. Input length, brace nesting and digit counts are capped, so any input is fast.
+`--verifier math-verify` compares the same extracted answers with Hugging Face's math-verify
+(symbolic equivalence through sympy), an optional extra, inside the same guarantees
+(`math_verify_match`).
 
 Run `python -m pytest test_tasks.py` for the tests of both.
 """
 import ast
+import logging
 import re
+import signal
+import threading
 from collections import Counter
 from fractions import Fraction
 
@@ -94,11 +100,19 @@ MAX_TEXT_CHARS = 10_000     # only the completion's tail is read: the final answ
 MAX_ANSWER_CHARS = 1_000    # a longer "answer" normalizes to "" and matches nothing
 MAX_BRACE_DEPTH = 50        # deeper \boxed{...} nesting is rejected, not scanned
 MAX_DIGITS = 1_000          # so Fraction arithmetic on a numeric answer stays cheap
+MATH_VERIFY_SECONDS = 0.3  # a math-verify call that takes longer scores 0 (a power tower: 9^{9^{9}})
+MAX_MATH_VERIFY_DEPTH = 5   # brace nesting handed to math-verify (a real answer needs 3 or 4; 6 took 0.6 s)
 REL_TOL = Fraction(1, 10**6)  # only for a decimal that rounds a non-terminating fraction
 _NUMBER = re.compile(r"(-?)(\d+(?:\.\d*)?|\.\d+)(?:/(\d+(?:\.\d*)?|\.\d+))?")  # a, -a, a/b
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm)\s*\{([^{}]*)\}(?:\^\{?\d\}?)?")  # cm^2
-_SHORT_VAR = re.compile(r"[A-Za-z]{1,3}|\\[A-Za-z]+|[A-Za-z]_\{?\w{1,3}\}?")  # x, ans, \theta, x_1
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|textnormal|mbox)\s*\{([^{}]*)\}(?:\^\{?\d\}?)?")  # cm^2
+_UNITS_AT_END = re.compile(_TEXT_CMD.pattern + r"\s*$")
+_MATH_FONT = re.compile(r"\\(?:mathrm|mathit|operatorname)\s*\{([^{}]*)\}")  # math, not text: \mathrm{e} is e
+# the label before '=' (or \approx): x, ans, \theta, x_1, |AB|, f(x), P(A)
+_SHORT_VAR = re.compile(r"[A-Za-z]{1,3}|\\[A-Za-z]+|[A-Za-z]_\{?\w{1,3}\}?|\|[A-Za-z]{1,3}\||[A-Za-z]\([A-Za-z0-9,]{1,5}\)")
+# words after a number that change its meaning ('5 or more', 'at least 3'): such an answer keeps them
+_QUALIFIERS = {"or", "and", "more", "less", "than", "least", "most", "fewer", "greater", "not", "only", "except",
+               "to", "between", "plus", "minus", "times", "over", "under", "about", "approximately"}
 
 
 def _last_box(text: str) -> str | None | bool:
@@ -148,25 +162,33 @@ def normalize_answer(s: str) -> str:
         return ""
     s = s.strip().replace("\u2212", "-")                   # Unicode minus
     s = re.sub(r"\\?[$%]|°|\\degree|\^\s*\{?\s*\\circ\s*\}?", "", s)  # no percent scaling: 50% -> 50
-    dropped = _TEXT_CMD.sub("", s)                          # '5\text{ cm}' -> '5' ...
-    s = dropped if dropped.strip() else _TEXT_CMD.sub(r"\1", s)  # ... but '\text{(A)}' -> '(A)'
-    s = re.sub(r"^([-+]?[\d.,/]+)\s+[A-Za-z][A-Za-z ]*$", r"\1", s.strip())  # '5 apples' -> '5'
-    s = re.sub(r"(?<=\d)(?:\{,\}|\\,)(?=\d{3}(?!\d))", ",", s)  # '1{,}000', '1\,000' -> '1,000'
+    s = _MATH_FONT.sub(r"\1", s)                             # '\\mathrm{e}' -> 'e'
+    while (m := _UNITS_AT_END.search(s)) and s[:m.start()].strip():
+        s = s[:m.start()]                                   # '5\\text{ cm}' -> '5': units end an answer
+    s = _TEXT_CMD.sub(r"\1", s)                              # elsewhere the words stay: '6 \\text{ and } 8'
+    m = re.fullmatch(r"([-+]?[\d.,/]+)\s+([A-Za-z][A-Za-z ]*)", s.strip())
+    if m and not _QUALIFIERS & set(m[2].lower().split()):  # '5 apples' -> '5'; '5 or more' is kept
+        s = m[1]
+    spaced_commas = re.search(r",\s", s) is not None       # '32, 349' is a list, not 32349
+    s = re.sub(r"(?<=\d)(?:\{,\}|\\,)(?=\d{3}(?!\d))", ",", s)  # '1{,}000', '1\\,000' -> '1,000'
     s = re.sub(r"\\(?:left|right|displaystyle)(?![A-Za-z])|\\[!,;:]|\s+", "", s)
-    s = re.sub(r"\\[dt]frac", r"\\frac", s)
-    s = re.sub(r"\\frac(\d)", r"\\frac{\1}", s)             # '\frac12' -> '\frac{1}2'
-    s = re.sub(r"\\frac(\{[^{}]*\})(\d)", r"\\frac\1{\2}", s)  # '\frac{1}2' -> '\frac{1}{2}'
-    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)             # '\sqrt2' -> '\sqrt{2}'
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = re.sub(r"\\frac(\d)", r"\\frac{\1}", s)             # '\\frac12' -> '\\frac{1}2'
+    s = re.sub(r"\\frac(\{[^{}]*\})(\d)", r"\\frac\1{\2}", s)  # '\\frac{1}2' -> '\\frac{1}{2}'
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)             # '\\sqrt2' -> '\\sqrt{2}'
     # a numeric \frac becomes a/b, unless a digit precedes it (mixed number 1\frac{1}{2} != 11/2)
     s = re.sub(r"(?<!\d)\\frac\{(-?[\d.]+)\}\{([\d.]+)\}", r"\1/\2", s)
-    parts = s.split("=")
-    if len(parts) > 1 and _SHORT_VAR.fullmatch(parts[-2]):  # 'x=5' -> '5'; 'f(x)=3x' is kept
+    parts = s.replace("\\approx", "=").split("=")
+    if len(parts) > 1 and _SHORT_VAR.fullmatch(parts[-2]):  # 'x=5', '|AB|=1', 'f(x)=1' -> the value
         s = parts[-1]
     s = s.rstrip(".")
     if s.startswith("+"):
         s = s[1:]
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # thousands only in proper groups:
-        s = s.replace(",", "")                              # '1,2' and '(1,2)' stay lists
+    m = re.fullmatch(r"\(([-+]?[\d./]+|[A-Za-z])\)", s)      # '(1/3)' -> '1/3', '(C)' -> 'C'
+    if m:
+        s = m[1]
+    if not spaced_commas and re.fullmatch(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?", s):  # thousands only in
+        s = s.replace(",", "")                              # proper groups: '1,2', '0,111', '(1,2)' stay lists
     m = re.fullmatch(r"(-?)(\d*)(?:\.(\d*))?", s)
     if m and (m[2] or m[3]):                                # '072.50' -> '72.5', '.5' -> '0.5'
         frac = (m[3] or "").rstrip("0")
@@ -224,13 +246,84 @@ def answers_match(pred: str, truth: str) -> bool:
     return p == t
 
 
-def math_reward(completion: str, truth: str) -> float:
-    """1.0 if the completion's final answer equals the truth ('#### 72', '\\boxed{72}' or '72')."""
+class _OutOfTime(Exception):
+    pass
+
+
+_timing = [False]  # whether a math-verify call is being timed: the timer's signal is ignored otherwise
+
+
+def _out_of_time(signum, frame):
+    if _timing[0]:
+        raise _OutOfTime
+
+
+def math_verify_match(pred: str, truth: str) -> bool:
+    """Hugging Face's math-verify (the field's reference: symbolic equivalence through sympy) on
+    our extracted final answers, inside our guarantees: each side is one answer (the completion's
+    last box: math-verify alone would search the whole text), capped in length and brace depth,
+    percent signs dropped as ours drops them (math-verify alone takes 0.5 for 50%, which RL would
+    exploit), and the whole call stopped after MATH_VERIFY_SECONDS by a timer of ours (its own
+    timeouts count whole seconds; off the main thread, where no timer can interrupt, they are used)."""
+    import math_verify
+    if any(len(s) > MAX_ANSWER_CHARS or _brace_depth(s) > MAX_MATH_VERIFY_DEPTH for s in (pred, truth)):
+        return False  # its parser slows down with nesting: 6 levels of braces took 0.6 s
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns when we time it ourselves
+    timed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+    limit = None if timed else 1
+    if timed:  # math-verify catches exceptions and tries again: the timer repeats until we are out
+        previous = signal.signal(signal.SIGALRM, _out_of_time)
+        _timing[0] = True
+        signal.setitimer(signal.ITIMER_REAL, MATH_VERIFY_SECONDS, 0.02)
+    try:
+        gold, ours = (math_verify.parse("\\boxed{" + re.sub(r"\\?%", "", s) + "}", parsing_timeout=limit)
+                      for s in (truth, pred))
+        return bool(gold and ours and math_verify.verify(gold, ours, timeout_seconds=limit))
+    except _OutOfTime:
+        return False
+    finally:
+        if timed:
+            _timing[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+def _brace_depth(s: str) -> int:
+    depth = deepest = 0
+    for c in s:
+        depth += (c == "{") - (c == "}")
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def resolve_verifier(name: str) -> str:
+    """'builtin' or 'math-verify' for --verifier builtin | math-verify | auto (math-verify when it
+    is installed). ValueError for an unknown name or math-verify asked for but missing."""
+    try:
+        import math_verify  # noqa: F401
+        installed = True
+    except ImportError:
+        installed = False
+    if name == "auto":
+        return "math-verify" if installed else "builtin"
+    if name not in ("builtin", "math-verify"):
+        raise ValueError("--verifier must be builtin, math-verify or auto")
+    if name == "math-verify" and not installed:
+        raise ValueError("--verifier math-verify needs it installed: pip install 'math-verify[antlr4_13_2]'")
+    return name
+
+
+def math_reward(completion: str, truth: str, verifier: str = "builtin") -> float:
+    """1.0 if the completion's final answer equals the truth ('#### 72', '\\boxed{72}' or '72'),
+    by our verifier or (verifier='math-verify') by math_verify_match."""
     try:
         pred = extract_answer(completion)
         if pred is None:
             return 0.0
         t = extract_answer(truth)
-        return 1.0 if answers_match(pred, truth if t is None else t) else 0.0
-    except Exception:  # a verifier bug must not crash training; it scores 0
+        match = math_verify_match if verifier == "math-verify" else answers_match
+        return 1.0 if match(pred, truth if t is None else t) else 0.0
+    except BaseException as e:  # a verifier bug (or math-verify's timeout) must not crash training: 0
+        if isinstance(e, KeyboardInterrupt):
+            raise
         return 0.0

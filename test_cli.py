@@ -343,3 +343,17 @@ def test_an_unreachable_hub_fails_at_once_and_says_how_to_run_offline(tmp_path, 
                          capture_output=True, text=True, timeout=120, env=env, cwd=HERE)
     assert res.returncode != 0 and "hub is unreachable" in res.stderr and "HF_HUB_OFFLINE=1" in res.stderr, res.stderr[-2000:]
     assert res.stderr.strip().count("\n") == 0 and not (tmp_path / "run").exists()
+
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_the_run_says_which_math_verifier_it_used(tmp_path, tiny_path, math_files, monkeypatch, installed):
+    if installed:
+        pytest.importorskip("math_verify", reason="math-verify not installed")
+    else:
+        monkeypatch.setitem(sys.modules, "math_verify", None)  # as if it were not installed
+    summary, _, out = run(tmp_path, model=tiny_path, task=math_files["gsm8k"], steps=1, warmup=0, **SMALL)
+    assert summary["verifier"] == json.loads((out / "config.json").read_text())["verifier"] == ("math-verify" if installed else "builtin")
+    if not installed:
+        with pytest.raises(train.UsageError, match="pip install"):
+            run(tmp_path, "asked", model=tiny_path, task=math_files["gsm8k"], steps=1, verifier="math-verify")

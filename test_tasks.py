@@ -115,10 +115,10 @@ def test_math_verifier_extract_answer(completion, expected):
     ("1,000,000", "1000000"), ("-1,234.50", "-1234.5"), ("1{,}000", "1000"), ("1\\,000", "1000"),
     ("1, 2", "1,2"), ("(1,2)", "(1,2)"), ("1,23", "1,23"), ("12,34,567", "12,34,567"),
     ("\\$5", "5"), ("$5$", "5"), ("50\\%", "50"), ("50%", "50"),
-    ("5\\text{ cm}", "5"), ("5 \\text{cm}^2", "5"), ("\\text{5 apples}", "5"), ("18 dollars", "18"), ("\\text{(A)}", "(A)"),
+    ("5\\text{ cm}", "5"), ("5 \\text{cm}^2", "5"), ("\\text{5 apples}", "5"), ("18 dollars", "18"), ("\\text{(A)}", "A"),
     ("90^\\circ", "90"), ("90^{\\circ}", "90"), ("90°", "90"),
     ("\u22123", "-3"), ("+5", "5"), (".5", "0.5"), ("72.0", "72"), ("072.50", "72.5"),
-    ("x = 5", "5"), ("\\theta=30", "30"), ("y_1 = 2", "2"), ("f(x) = 3x", "f(x)=3x"),
+    ("x = 5", "5"), ("\\theta=30", "30"), ("y_1 = 2", "2"), ("f(x) = 3x", "3x"),
     ("\\left( 1, 2 \\right)", "(1,2)"), ("\\!5", "5"), ("\\sqrt2", "\\sqrt{2}"),
     ("x^2 + 1", "x^2+1"), ("42.", "42"), ("1\\frac{1}{2}", "1\\frac{1}{2}"),  # mixed number kept
 ])
@@ -164,6 +164,21 @@ def test_math_verifier_answers_match(pred, truth, expected):
 ])
 def test_math_verifier_math_reward(completion, truth, expected):
     assert math_reward(completion, truth) == expected
+
+
+# one case per class of fault found against math-verify's labels (each failed before the fix)
+@pytest.mark.parametrize("pred,truth,expected", [
+    ("\\boxed{\\cfrac{1}{2}}", "0.5", 1.0), ("\\boxed{5}", "5\\textnormal{ cm}", 1.0),       # not normalised
+    ("\\boxed{\\left(\\frac13\\right)}", "\\frac{1}{3}", 1.0), ("\\boxed{(C)}", "C", 1.0),  # one number or letter in ()
+    ("\\boxed{111}", "0,111", 0.0), ("\\boxed{32349}", "32, 349", 0.0),                       # not thousands
+    ("\\boxed{0,111}", "0,111", 1.0), ("\\boxed{32, 349}", "32, 349", 1.0),
+    ("\\boxed{68}", "6 \\text{ and } 8", 0.0), ("\\boxed{6 \\text{ and } 8}", "6 \\text{ and } 8", 1.0),
+    ("\\boxed{1-\\frac{1}{}}", "1-\\frac{1}{\\mathrm{e}}", 0.0), ("\\boxed{1-\\frac{1}{e}}", "1-\\frac{1}{\\mathrm{e}}", 1.0),
+    ("\\boxed{5}", "5 or more", 0.0), ("\\boxed{3}", "at least 3", 0.0), ("\\boxed{18}", "18 dollars", 1.0),
+    ("\\boxed{1}", "|AB|=1", 1.0), ("\\boxed{1}", "f(x)=1", 1.0), ("\\boxed{3.14}", "x \\approx 3.14", 1.0),
+])
+def test_math_verifier_fixed_classes(pred, truth, expected):
+    assert math_reward(pred, truth) == expected
 
 
 # ---------------------------------------------------------------------------- hostile input
@@ -235,3 +250,87 @@ def test_plain_prompt_states_the_task_and_its_demonstration_verifies():
 ])
 def test_general_points_verifier_reads_the_last_box(completion, expected):
     assert rewards.general_points_reward(completion, [10, 4, 2, 2], 24) == expected
+
+
+# ---------------------------------------------------------------------------- the reference verifier
+def _have_math_verify():
+    try:
+        import math_verify  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_math_verify = pytest.mark.skipif(not _have_math_verify(), reason="math-verify not installed (pip install 'math-verify[antlr4_13_2]')")
+
+# (prediction's final answer, gold answer, class), gold in the styles of GSM8K, MATH-500 and OpenR1:
+# correct, reformatted and wrong predictions
+PAIRS = [
+    ("72", "72", "number"), ("72.0", "72", "number"), ("1,234", "1234", "number"), ("1234", "1,234", "number"),
+    ("\\$18", "18", "number"), ("18 dollars", "18", "number"), ("-3", "\u22123", "number"), ("0.5", "1/2", "number"),
+    ("73", "72", "number"), ("50", "0.5", "number"), ("50\\%", "0.5", "number"), ("111", "0,111", "number"),
+    ("32349", "32, 349", "number"), ("0.3333333", "1/3", "number"), ("0.33", "1/3", "number"),
+    ("1000000.5", "1000000", "number"), ("5", "5 or more", "number"), ("12", "12 \\text{ apples}", "number"),
+    ("\\frac{1}{2}", "\\frac12", "latex"), ("\\dfrac{3}{4}", "0.75", "latex"), ("\\cfrac{1}{2}", "0.5", "latex"),
+    ("\\left(\\frac13\\right)", "\\frac{1}{3}", "latex"), ("(C)", "C", "latex"), ("\\text{(B)}", "B", "latex"),
+    ("90^\\circ", "90", "latex"), ("5\\text{ cm}", "5", "latex"), ("\\sqrt{2}", "\\sqrt2", "latex"),
+    ("(1,2)", "(1, 2)", "latex"), ("x=5", "5", "latex"), ("1", "|AB|=1", "latex"), ("1", "f(x)=1", "latex"),
+    ("\\sqrt{3}", "\\sqrt{2}", "latex"), ("\\frac{2}{3}", "\\frac{3}{2}", "latex"), ("68", "6 \\text{ and } 8", "latex"),
+    ("3.14", "x \\approx 3.14", "latex"), ("1-\\frac{1}{e}", "1-\\frac{1}{\\mathrm{e}}", "latex"),
+    ("2\\sqrt{2}", "\\sqrt{8}", "symbolic"), ("x+1", "1+x", "symbolic"), ("\\{2,1\\}", "\\{1,2\\}", "symbolic"),
+    ("[1,2)", "[1,2)", "symbolic"), ("(2,1)", "(1,2)", "symbolic"), ("\\frac{\\pi}{2}", "\\frac{\\pi}{2}", "symbolic"),
+    ("\\pi/2", "\\frac{\\pi}{2}", "symbolic"), ("2x", "x \\cdot 2", "symbolic"), ("y=2x+1", "2x+1", "symbolic"),
+    ("\\frac{1}{e}", "e^{-1}", "symbolic"), ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}", "symbolic"),
+    ("x^2-1", "(x-1)(x+1)", "symbolic"), ("3", "x=3", "symbolic"), ("4", "x=3", "symbolic"),
+]
+# every disagreement, and why it is a choice (the README lists them)
+DELIBERATE = {
+    ("18 dollars", "18"): "ours drops trailing unit words; math-verify reads only LaTeX units",
+    ("1-\\frac{1}{e}", "1-\\frac{1}{\\mathrm{e}}"): "ours reads \\mathrm{e} as the letter e; math-verify as Euler's number",
+    **{(p, g): "no symbolic algebra in ours (standard library only)" for p, g in [
+        ("2\\sqrt{2}", "\\sqrt{8}"), ("x+1", "1+x"), ("\\{2,1\\}", "\\{1,2\\}"), ("\\pi/2", "\\frac{\\pi}{2}"),
+        ("2x", "x \\cdot 2"), ("\\frac{1}{e}", "e^{-1}"), ("x^2-1", "(x-1)(x+1)")]},
+}
+
+
+@needs_math_verify
+def test_builtin_and_math_verify_disagree_only_where_we_chose_to():
+    by_class, disagree = {}, set()
+    for pred, gold, kind in PAIRS:
+        ours, ref = (math_reward("\\boxed{" + pred + "}", gold, v) for v in ("builtin", "math-verify"))
+        by_class.setdefault(kind, []).append(ours == ref)
+        if ours != ref:
+            disagree.add((pred, gold))
+    print({k: f"{sum(v)}/{len(v)} agree" for k, v in by_class.items()})  # the README's figures (pytest -s)
+    assert disagree == set(DELIBERATE), disagree ^ set(DELIBERATE)
+    assert math_reward("\\boxed{0.5}", "50\\%", "math-verify") == 0.0  # our guarantees hold through it: no percent,
+    assert math_reward("\\boxed{1} or \\boxed{2}", "1", "math-verify") == 0.0  # only the last box counts
+
+
+@needs_math_verify
+@pytest.mark.parametrize("hostile", [
+    "{" * 10**6, "\\boxed{" * 100000, "9" * 100000, "\\boxed{" + "9" * 5000 + "}", "\\frac" * 50000,
+    "\\boxed{" + "{" * 45 + "1" + "}" * 45 + "}", "\\boxed{" + "\\frac{1}{" * 40 + "2" + "}" * 40 + "}",
+    "\\boxed{" + "\\sqrt{" * 40 + "2" + "}" * 40 + "}", "\\boxed{" + "x^" * 400 + "2}", "\\boxed{" + "+".join(["\\frac{1}{2}"] * 80) + "}",
+    "\\boxed{1e999999999}", "\\boxed{__import__('os')}", "\\boxed{9^{9^{9^{9}}}}", "\x00\x01", None, 12,
+])
+def test_math_verify_path_hostile_input_is_bounded_and_never_raises(hostile):
+    t = time.time()
+    assert math_reward(hostile, "#### 1", "math-verify") == 0.0
+    assert math_reward("\\boxed{1}", hostile, "math-verify") == 0.0
+    assert time.time() - t < 1.0
+    import signal  # and the timer that bounded it is gone, the previous handler back
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+
+
+def test_verifier_choice_with_and_without_math_verify(monkeypatch):
+    import sys
+    from rewards import resolve_verifier
+    assert resolve_verifier("builtin") == "builtin"
+    assert resolve_verifier("auto") == ("math-verify" if _have_math_verify() else "builtin")
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # as if it were not installed
+    assert resolve_verifier("auto") == "builtin"
+    with pytest.raises(ValueError, match="pip install"):
+        resolve_verifier("math-verify")
+    with pytest.raises(ValueError, match="must be builtin"):
+        resolve_verifier("sympy")

@@ -40,6 +40,7 @@ import checkpoint
 import data
 import model as policy
 import plots
+import rewards
 
 
 def arg(default, help):
@@ -84,6 +85,8 @@ class Config:
     target: int = arg(None, "General Points: the value the formula must reach (the paper's: 24)")
     prompt: str = arg(None, "General Points prompt: compact ('2 J 5; J,Q,K=10; 10=') | plain (in words, answer in \\boxed{})")
     chat: str = arg("auto", "use the chat template: auto (instruct/chat models) | on | off")
+    verifier: str = arg("auto", "math answers: builtin (ours, standard library) | math-verify (Hugging Face's, "
+                        "pip install 'math-verify[antlr4_13_2]') | auto (math-verify when installed)")
     # budget
     steps: int = arg(None, "optimizer steps in all, warm-up included")
     warmup: int = arg(None, "SFT-only steps before mixing starts (W; amft*, fixed-mix, and sft-grpo's first stage)")
@@ -182,9 +185,9 @@ def slices(n: int, size: int):
     return [slice(i, i + size) for i in range(0, n, size)]
 
 
-def score(texts, rows, G):
+def score(texts, rows, G, verifier):
     """Rewards (B, G) of B*G completions, prompt-major."""
-    return torch.tensor([data.reward(rows[i // G], t) for i, t in enumerate(texts)]).view(len(rows), G)
+    return torch.tensor([data.reward(rows[i // G], t, verifier) for i, t in enumerate(texts)]).view(len(rows), G)
 
 
 def rollouts(model, tok, rows, cfg, eos):
@@ -193,7 +196,7 @@ def rollouts(model, tok, rows, cfg, eos):
     roll = policy.sample(model, tok, [r["prompt"] for r in rows], G=cfg.group_size, temperature=cfg.temperature,
                          max_new_tokens=cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
     model.train()
-    return roll, score(roll.texts, rows, cfg.group_size)
+    return roll, score(roll.texts, rows, cfg.group_size, cfg.verifier)
 
 
 @torch.no_grad()
@@ -207,11 +210,11 @@ def evaluate(model, tok, rows, cfg, eos, k=0) -> dict:
         prompts = [r["prompt"] for r in chunk]
         greedy = policy.sample(model, tok, prompts, G=1, max_new_tokens=cfg.max_new_tokens, greedy=True,
                                eos=eos, sampler=cfg.sampler)
-        hits += score(greedy.texts, chunk, 1).sum().item()
+        hits += score(greedy.texts, chunk, 1, cfg.verifier).sum().item()
         if k:
             drawn = policy.sample(model, tok, prompts, G=k, temperature=cfg.temperature,
                                   max_new_tokens=cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
-            hits_k += (score(drawn.texts, chunk, k).max(1).values == 1).sum().item()
+            hits_k += (score(drawn.texts, chunk, k, cfg.verifier).max(1).values == 1).sum().item()
     model.train()
     n = max(len(rows), 1)
     return {"accuracy": hits / n, **({f"pass@{k}": hits_k / n} if k else {})}
@@ -293,9 +296,9 @@ def next_rows(train_rows, state, rng, B, tok, chat):
     return [dict(r, prompt=policy.format_prompt(tok, r["prompt"], chat)) for r in rows]
 
 
-def demo_rewards(rows, method):
+def demo_rewards(rows, method, verifier):
     """srft and luffy put each demonstration in its GRPO group: its reward (B,), else None."""
-    return torch.tensor([data.reward(row, row["demo"]) for row in rows]) if method.demo_in_group else None
+    return torch.tensor([data.reward(row, row["demo"], verifier) for row in rows]) if method.demo_in_group else None
 
 
 def reference(model, ref_model, beta):
@@ -326,6 +329,10 @@ def main(cfg: Config):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     recipe = resolve(cfg, cuda=device.startswith("cuda"))
     check(cfg)
+    try:
+        cfg.verifier = rewards.resolve_verifier(cfg.verifier)  # config.json and summary.json say which
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     method = amft.METHODS[cfg.method]
     torch.manual_seed(cfg.seed)                     # training rollouts: torch's generator
     data_rng = random.Random(f"data-{cfg.seed}")    # training order and card orders
@@ -344,15 +351,15 @@ def main(cfg: Config):
                          "use more rows or a smaller --batch-size")
     if not cfg.max_new_tokens:
         cfg.max_new_tokens = RECIPES[recipe]["gp_new_tokens"] if "test_ood" in splits else 512
-    print(f"recipe: {recipe} (" + ", ".join(f"{k}={getattr(cfg, k)}" for k in [*RECIPES[recipe], "max_new_tokens"]
-                                            if k != "gp_new_tokens") + ")")
+    shown = [*RECIPES[recipe], "max_new_tokens", *(["verifier"] if "test_ood" not in splits else [])]  # math: which verifier
+    print(f"recipe: {recipe} (" + ", ".join(f"{k}={getattr(cfg, k)}" for k in shown if k != "gp_new_tokens") + ")")
     chat = policy.use_chat(tok, cfg.model, cfg.chat)
     eos, end = policy.eos_ids(tok, model, chat), policy.end_id(tok, chat)
     splits["val"] = splits["val"] or [dict(r) for r in splits["train"]]  # a small hand file may leave none
     for split, rows in splits.items():  # training rows are formatted as they are drawn (reshuffled)
         for r in rows if split != "train" else []:
             r["prompt"] = policy.format_prompt(tok, r["prompt"], chat)
-    scored = dict(seed=cfg.seed, test_prompts=len(splits["test"]),  # which test split the summary scores
+    scored = dict(seed=cfg.seed, verifier=cfg.verifier, test_prompts=len(splits["test"]),  # which test split the summary scores
                   test_prompts_crc32=zlib.crc32("\n".join(r["prompt"] for r in splits["test"]).encode()))
     # only now, with every input checked, do we create the output folder
     out = cfg.resume or cfg.out or os.path.join("runs", f"{'eval' if cfg.eval_only else cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -423,7 +430,7 @@ def main(cfg: Config):
             # ------------------------------------------------------------ sample -> reward -> advantages -> RL gradient
             if now.rl:
                 roll, r = rollouts(model, tok, rows, cfg, eos)                                   # r: (B, G)
-                A, A_demo, m["frac_zero_std"] = amft.advantages(r, demo_rewards(rows, method))  # (B*G,), (B,)
+                A, A_demo, m["frac_zero_std"] = amft.advantages(r, demo_rewards(rows, method, cfg.verifier))  # (B*G,), (B,)
                 ref_model = reference(model, ref_model, cfg.beta)
                 rl = rl_backward(model, ref_model, roll, A=A.to(device), cfg=cfg, shaped=method.shaped, demos=demos, A_demo=A_demo)
                 g_rl, H = take_grads(params), rl.pop("entropy")
