@@ -23,6 +23,7 @@ Math (all through `datasets`, from the hub or a local .jsonl/.json/.parquet of t
   FILE    any of these schemas, or generic rows {"prompt", "answer", "demo"}.
 Prompts ask for the final answer in \boxed{}.
 """
+import contextlib
 import itertools
 import json
 import os
@@ -192,6 +193,19 @@ def math_row(ex: dict):
     return {"prompt": prompt, "demo": demo or None, "answer": str(answer)}
 
 
+@contextlib.contextmanager
+def local_file_quiet(datasets):
+    """No "Generating train split" bar while `datasets` reads a local file (it says nothing there;
+    downloads keep theirs)."""
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+
+
 def check_json_file(path: str):
     """Read a .jsonl/.json task file ourselves before `datasets` does, so that an empty file or a
     row that is not JSON is reported by file, row and reason in one line (ValueError)."""
@@ -244,7 +258,8 @@ def _load_math(task: str):
     if kind == "json":
         check_json_file(task)
     try:
-        return datasets.load_dataset(kind, data_files=task)
+        with local_file_quiet(datasets):
+            return datasets.load_dataset(kind, data_files=task)
     except Exception as e:
         raise ValueError(f"--task {task}: cannot read it: {(str(e).strip().splitlines() or [''])[0][:200]}") from None
 
@@ -316,7 +331,8 @@ def hands_from_file(path: str, target: int, seed: int = 0, style: str = "compact
     """Splits like general_points(), but of the hands in a local .jsonl/.json file."""
     import datasets  # imported here: only this loader needs it
     check_json_file(path)
-    ds = datasets.load_dataset("json", data_files=path, split="train")
+    with local_file_quiet(datasets):
+        ds = datasets.load_dataset("json", data_files=path, split="train")
     if "cards" not in ds.column_names:
         raise ValueError(f"--task {path}: rows need a 'cards' field (list of ranks), "
                          f"found {ds.column_names}")

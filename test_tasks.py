@@ -182,14 +182,17 @@ def test_math_verifier_fixed_classes(pred, truth, expected):
 
 
 # ---------------------------------------------------------------------------- hostile input
-@pytest.mark.parametrize("hostile", [
+HOSTILE_MATH = [
     "{" * 10**6, "\\boxed{" * 100000, "9" * 100000, "\\boxed{" + "9" * 100000 + "}",
     "\\boxed{" + "9" * 5000 + "}", "\\boxed{" + "{" * 60 + "1" + "}" * 60 + "}", "#### " + "9" * 5000,
     "1/0", "\\boxed{1/0}", "\\frac{1}{0}", "\\boxed{\\frac{1}{0}}", "\\boxed{1e999999999}",
     "the answer is " * 50000, "#### " + "1," * 50000, "\\frac" * 50000, "\\text{" * 50000,
     "\\boxed{" + "1" * 900 + "." + "0" * 50000 + "}", "x=" * 100000, "\\boxed{__import__('os')}",
     "\x00\x01", None, 12,
-])
+]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_MATH)
 def test_math_verifier_hostile_input_scores_zero_fast(hostile):
     t = time.time()
     assert math_reward(hostile, "#### 1") == 0.0
@@ -308,11 +311,10 @@ def test_builtin_and_math_verify_disagree_only_where_we_chose_to():
 
 
 @needs_math_verify
-@pytest.mark.parametrize("hostile", [
-    "{" * 10**6, "\\boxed{" * 100000, "9" * 100000, "\\boxed{" + "9" * 5000 + "}", "\\frac" * 50000,
+@pytest.mark.parametrize("hostile", HOSTILE_MATH + [  # ours, and long or deeply nested LaTeX
     "\\boxed{" + "{" * 45 + "1" + "}" * 45 + "}", "\\boxed{" + "\\frac{1}{" * 40 + "2" + "}" * 40 + "}",
     "\\boxed{" + "\\sqrt{" * 40 + "2" + "}" * 40 + "}", "\\boxed{" + "x^" * 400 + "2}", "\\boxed{" + "+".join(["\\frac{1}{2}"] * 80) + "}",
-    "\\boxed{1e999999999}", "\\boxed{__import__('os')}", "\\boxed{9^{9^{9^{9}}}}", "\x00\x01", None, 12,
+    "\\boxed{9^{9^{9^{9}}}}", "\\boxed{" + "\\left(" * 200 + "1" + "\\right)" * 200 + "}",
 ])
 def test_math_verify_path_hostile_input_is_bounded_and_never_raises(hostile):
     t = time.time()
