@@ -3,8 +3,8 @@ The evidence: every method of amft.py (METHODS) x several seeds on the built-in 
 task, at equal budgets (same model, same steps x prompts per step, so every method sees the
 same training hands the same number of times), then a Markdown table and plots.
 
-    python compare.py                 # 9 methods x 3 seeds, 300 steps each (~40 min, 2 CPU cores)
-    python compare.py --quick         # 9 methods x 2 seeds, 120 steps (a few minutes)
+    python compare.py                 # 9 methods x 3 seeds, 300 steps each (about an hour on 2 CPU cores)
+    python compare.py --quick         # 9 methods x 2 seeds, 120 steps (about 10 minutes: 2 of its runs took 66 s)
     python compare.py --methods amft,sft --seeds 5 --steps 500
 
 Writes to --out (default runs/compare-<time>): one train.py run folder per method and seed
@@ -56,7 +56,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="B: prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="G: samples per prompt")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation checks (default steps/10)")
-    p.add_argument("--quick", action="store_true", help="fewer seeds and steps: a few minutes on a CPU")
+    p.add_argument("--quick", action="store_true", help="fewer seeds and steps: about 10 minutes on a 2-core CPU")
     p.add_argument("--out", default="", help="output folder (default runs/compare-<time>); reused if it exists")
     a = p.parse_args(argv)
     seeds = a.seeds or (2 if a.quick else 3)
