@@ -1,0 +1,209 @@
+"""
+The settings of a run: `Config` (every flag of train.py, with its help), the two recipes that
+fill the settings a user leaves unset, the checks that refuse impossible settings before
+anything is loaded or written, and the command line (`parse_args`), including what
+`--resume` and `--eval-only` take from an earlier run's config.json.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import amft
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+# Settings left unset (None) come from the model's recipe: the tiny model trains from random
+# weights and needs a large lr, a long warm-up and a compact prompt; a pretrained model (any hub
+# id, alias or folder) gets the paper's settings (lr 1e-6, warm-up 50, K = 20) and the task in
+# plain words. Every flag given explicitly wins; config.json keeps the resolved values.
+RECIPES = {
+    "tiny": dict(steps=700, warmup=250, batch_size=16, group_size=4, gp_new_tokens=16, lr=1e-3, micro_batch=0,
+                 grad_ckpt=False, amp=False, meta_every=10, cards=3, target=10, prompt="compact", eval_batch=64),
+    "pretrained": dict(steps=500, warmup=50, batch_size=8, group_size=8, gp_new_tokens=256, lr=1e-6, micro_batch=16,
+                       grad_ckpt=True, amp="on CUDA", meta_every=20, cards=4, target=24, prompt="plain",
+                       eval_batch=32),
+}
+
+
+def resolve(cfg, cuda: bool) -> str:
+    """Fill every setting left unset from the recipe (--recipe, or by --model: 'tiny' gets the
+    tiny recipe, anything else the pretrained one). Returns the recipe's name."""
+    name = cfg.recipe if cfg.recipe != "auto" else ("tiny" if cfg.model == "tiny" else "pretrained")
+    if name not in RECIPES:
+        raise UsageError(f"--recipe must be auto, {' or '.join(RECIPES)}")
+    on_cuda = {"on CUDA": cuda}
+    for key, value in RECIPES[name].items():
+        if key != "gp_new_tokens" and getattr(cfg, key) is None:
+            setattr(cfg, key, on_cuda.get(value, value) if isinstance(value, str) else value)
+    cfg.recipe = name
+    return name
+
+
+@dataclass
+class Config:
+    # what to train
+    model: str = arg("tiny", "'tiny' (a small Qwen2 built from a config), 'random-0.5b' (Qwen2.5-0.5B's shape, random), a hub id, an alias like Qwen2.5-0.5B, or a folder")
+    method: str = arg("amft", f"one of {', '.join(amft.METHODS)}")
+    task: str = arg("general-points", "general-points | gsm8k | math500 | openr1 | a .jsonl/.json/.parquet file (see data.py)")
+    recipe: str = arg("auto", "defaults for every setting left unset: tiny | pretrained | auto ('tiny' for --model tiny, else 'pretrained')")
+    cards: int = arg(None, "General Points: cards per hand (the paper's: 4)")
+    target: int = arg(None, "General Points: the value the formula must reach (the paper's: 24)")
+    prompt: str = arg(None, "General Points prompt: compact ('2 J 5; J,Q,K=10; 10=') | plain (in words, answer in \\boxed{})")
+    chat: str = arg("auto", "use the chat template: auto (instruct/chat models) | on | off")
+    verifier: str = arg("auto", "math answers: builtin (ours, standard library) | math-verify (Hugging Face's, "
+                        "pip install 'math-verify[antlr4_13_2]') | auto (math-verify when installed)")
+    # budget
+    steps: int = arg(None, "optimizer steps in all, warm-up included")
+    warmup: int = arg(None, "SFT-only steps before mixing starts (W; amft*, fixed-mix, and sft-grpo's first stage)")
+    batch_size: int = arg(None, "B: prompts per step (each has a demonstration)")
+    group_size: int = arg(None, "G: completions sampled per prompt")
+    max_new_tokens: int = arg(0, "longest completion in tokens; 0 = general-points 16 (tiny) or 256 (pretrained), math 512")
+    temperature: float = arg(1.0, "sampling temperature; log-probs use the same one")
+    # optimizer and memory
+    lr: float = arg(None, "AdamW learning rate")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "clip the mixed gradient to this norm")
+    micro_batch: int = arg(None, "sequences per forward/backward pass (gradients accumulate; the meta-gradient's too); 0 = all at once")
+    grad_ckpt: bool = arg(None, "gradient checkpointing: less memory, ~30% more compute")
+    amp: bool = arg(None, "mixed precision: compute in bfloat16 (torch.autocast), keep float32 weights and AdamW state")
+    lora_r: int = arg(0, "LoRA rank through peft (pip install peft); 0 = full fine-tuning")
+    # GRPO
+    eps_low: float = arg(0.2, "PPO clip, lower side")
+    eps_high: float = arg(0.28, "PPO clip, upper side (DAPO's clip-higher)")
+    beta: float = arg(0.0, "k3 KL penalty to a frozen reference (the policy as RL begins); 0 = off")
+    # the mu controller
+    mu0: float = arg(0.8, "initial mu (weight on SFT); fixed-mix keeps it")
+    mu_min: float = arg(0.05, "lower bound of mu")
+    mu_max: float = arg(0.95, "upper bound of mu")
+    eta_meta: float = arg(0.05, "meta step, in units of mu (dU/dmu is divided by its running RMS)")
+    eta_H: float = arg(0.01, "entropy step: mu += eta_H * (H_target - H)")
+    meta_every: int = arg(None, "K: steps between meta-gradients")
+    meta_grad: str = arg("first-order", "first-order | autograd | fd (not in bfloat16)")
+    meta_alpha: float = arg(0.0, "look-ahead step alpha; 0 = use --lr")
+    val_prompts: int = arg(8, "validation prompts (x G samples) per meta-gradient")
+    H_target: float = arg(None, "target entropy in nats (default: measured on the first step after warm-up)")
+    # run
+    eval_every: int = arg(50, "steps between greedy accuracy checks on the validation split")
+    eval_batch: int = arg(None, "prompts per generate call when evaluating")
+    sampler: str = arg("generate", "rollouts: generate (transformers) | loop (our decode loop, same samples) | compiled (static cache + torch.compile: the GPU fast path, see bench.py)")
+    pass_k: int = arg(0, "also report pass@k from k samples per test prompt at --temperature; 0 = off")
+    save_every: int = arg(200, "steps between checkpoints (one is always written at the end); 0 = end only")
+    max_bad_steps: int = arg(10, "stop after this many non-finite losses in a row")
+    seed: int = arg(0, "random seed: model init, and separate streams for data order, validation prompts, sampling")
+    dtype: str = arg("float32", "weights and optimizer state: float32 | bfloat16 (half the memory, but an update below a weight's "
+                     "resolution is lost: at lr 1e-6 most weights never move; prefer --amp) | float64 (exact checks)")
+    device: str = arg("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
+    out: str = arg("", "output folder (default: runs/<method>-<time>); must be new or empty")
+    resume: str = arg("", "a run folder to continue from its checkpoint; flags given now override its config")
+    eval_only: bool = arg(False, "only evaluate --model on --task's test split(s) and write summary.json")
+    skip_test: bool = arg(False, "skip the test-split evaluations before and after training, and the last validation check (benchmarks)")
+
+
+class UsageError(ValueError):
+    """A problem with what the user asked for: reported in one line, non-zero exit."""
+
+
+def check(cfg: Config):
+    """Reject impossible settings before anything is loaded or written."""
+    rules = [
+        (cfg.method in amft.METHODS, f"--method must be one of {', '.join(amft.METHODS)}"),
+        (cfg.meta_grad in amft.META_GRADS, f"--meta-grad must be one of {', '.join(amft.META_GRADS)}"),
+        (cfg.dtype in ("float32", "bfloat16", "float64"), "--dtype must be float32, bfloat16 or float64"),
+        (not (cfg.meta_grad == "fd" and (cfg.dtype == "bfloat16" or cfg.amp)), "--meta-grad fd is refused in bfloat16 (and "
+         "with --amp): no finite-difference step is both above bfloat16's round-off and small enough to be accurate (20%+ "
+         "error); use autograd or first-order"),
+        (not (cfg.amp and cfg.dtype != "float32"), "--amp computes in bfloat16 over float32 weights: use it with --dtype float32"),
+        (cfg.chat in ("auto", "on", "off"), "--chat must be auto, on or off"),
+        (cfg.prompt in ("compact", "plain"), "--prompt must be compact or plain"),
+        (cfg.sampler in ("generate", "loop", "compiled"), "--sampler must be generate, loop or compiled"),
+        (0 <= cfg.mu_min <= cfg.mu_max <= 1, "mu bounds must satisfy 0 <= --mu-min <= --mu-max <= 1"),
+        (0 <= cfg.mu0 <= 1, "--mu0 must be in [0, 1]"),
+        (all(math.isfinite(x) and x >= 0 for x in (cfg.eta_meta, cfg.eta_H, cfg.meta_alpha)),
+         "--eta-meta, --eta-H and --meta-alpha must be finite and >= 0 (the signs are fixed by the algorithm)"),
+        (cfg.H_target is None or (math.isfinite(cfg.H_target) and cfg.H_target >= 0), "--H-target must be finite and >= 0"),
+        (cfg.group_size >= 2, "--group-size (G) must be at least 2: advantages compare samples of one prompt"),
+        (cfg.steps >= 1 and cfg.batch_size >= 1 and cfg.max_new_tokens >= 0, "--steps and --batch-size must be >= 1"),
+        (min(cfg.warmup, cfg.micro_batch, cfg.pass_k, cfg.save_every, cfg.lora_r) >= 0, "counts must be >= 0"),
+        (min(cfg.meta_every, cfg.eval_every, cfg.val_prompts, cfg.eval_batch, cfg.max_bad_steps) >= 1,
+         "--meta-every, --eval-every, --val-prompts, --eval-batch, --max-bad-steps must be >= 1"),
+        (0 < cfg.temperature < math.inf and 0 < cfg.lr < math.inf, "--temperature and --lr must be finite and > 0"),
+        (1 <= cfg.cards <= 5, "--cards must be between 1 and 5"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UsageError(message)
+    if cfg.out and os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.resume:
+        raise UsageError(f"--out {cfg.out} exists and is not empty; choose a new folder (or --resume it)")
+
+
+def parse_args(argv=None, description=None) -> Config:
+    """Flags from Config's fields. With --resume, the run's saved config is the base and only
+    the flags given on this command line override it."""
+    def parser(defaults: bool):
+        p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                    argument_default=None if defaults else argparse.SUPPRESS)
+        for f in dataclasses.fields(Config):
+            flag, default = "--" + f.name.replace("_", "-"), (f.default if defaults else argparse.SUPPRESS)
+            text = f.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
+            shown = (f"tiny {RECIPES['tiny'][f.name]}, pretrained {RECIPES['pretrained'][f.name]}"
+                     if f.name in RECIPES["tiny"] else f.default)
+            if "(default" in text:  # the help says it in words already
+                shown = None
+            if f.type in (bool, "bool"):  # --grad-ckpt / --no-grad-ckpt: either may override the recipe
+                action = argparse.BooleanOptionalAction if f.default is None else "store_true"
+                p.add_argument(flag, action=action, default=default, help=text + ("" if shown is None else f" (default: {shown})"))
+            else:
+                kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+                p.add_argument(flag, type=kind, default=default, help=text + ("" if shown is None else f" (default: {shown})"))
+        return p
+    cfg = Config(**vars(parser(True).parse_args(argv)))
+    if cfg.resume:
+        path = os.path.join(cfg.resume, "config.json")
+        if not os.path.isfile(os.path.join(cfg.resume, "checkpoint", "trainer_state.pt")) or not os.path.isfile(path):
+            sys.exit(f"error: --resume {cfg.resume}: no checkpoint there (expected {cfg.resume}/checkpoint/)")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            cfg = Config(**{**saved, **vars(parser(False).parse_args(argv))})
+        except (ValueError, TypeError) as e:
+            sys.exit(f"error: --resume {cfg.resume}: config.json is damaged ({e})")
+    if cfg.eval_only:
+        cfg = bind_to_run(cfg, explicit=vars(parser(False).parse_args(argv)))
+    return cfg
+
+
+RUN_DATA = ("task", "seed", "cards", "target", "prompt", "chat", "recipe", "max_new_tokens", "temperature")
+
+
+def bind_to_run(cfg: Config, explicit: dict) -> Config:
+    """--eval-only of a run (its folder or its model/ folder) scores the run's own test split: the
+    task settings (RUN_DATA) come from the run's config.json unless given, and a flag that changes
+    them gets a warning, since another seed's test split can hold the run's training rows."""
+    model = os.path.normpath(cfg.model)
+    run = next((d for d in (model, os.path.dirname(model)) if os.path.isfile(os.path.join(d, "metrics.jsonl"))
+                and os.path.isfile(os.path.join(d, "config.json"))), None)
+    if run is None:
+        return cfg
+    try:
+        with open(os.path.join(run, "config.json")) as f:
+            saved = json.load(f)
+    except ValueError as e:
+        sys.exit(f"error: {run}/config.json is damaged ({e})")
+    if run == model:
+        cfg.model = os.path.join(run, "model")
+    for key in RUN_DATA:
+        if key not in explicit and saved.get(key) is not None:
+            setattr(cfg, key, saved[key])
+    print(f"eval-only: {run}'s task settings (" + ", ".join(f"{k}={getattr(cfg, k)}" for k in RUN_DATA) + ")")
+    changed = [f"--{k.replace('_', '-')} {explicit[k]} (the run's: {saved.get(k)})" for k in RUN_DATA
+               if k in explicit and explicit[k] != saved.get(k)]
+    if changed:
+        print(f"warning: {'; '.join(changed)}: not the run's test split, which may hold rows it trained on", file=sys.stderr)
+    return cfg
