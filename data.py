@@ -242,8 +242,8 @@ def _load_math(task: str):
     import datasets  # imported here: only these loaders need it
     if task in HUB:
         repo, name = HUB[task]
-        from model import OFFLINE_HINT, hub_reachable
-        if not hub_reachable() and os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        from model import OFFLINE_HINT, hub_offline, hub_reachable
+        if not hub_offline() and not hub_reachable():
             raise ValueError(f"--task {task}: cannot load {repo}: {OFFLINE_HINT}; or save it as a file where there is "
                              f"network and pass --task path/to/{task}.jsonl")
         try:

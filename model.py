@@ -72,11 +72,16 @@ def no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: the hub is not to be tried at all."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub (HF_ENDPOINT) takes a connection within `timeout` seconds.
     Without this check an offline machine spends about 50 s in retries before its error. False
     under HF_HUB_OFFLINE=1; True behind a proxy (which we cannot probe)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return False
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
