@@ -5,20 +5,27 @@ a GPU, the tiny model on a CPU.
 
     python bench.py            # full settings on a GPU; CPU-sized settings on a CPU
     python bench.py --quick    # seconds: what the test suite runs
+    python bench.py --trl      # also TRL's GRPOTrainer at the step settings (pip install trl)
 
 Rows of the table:
   decode      ms per decode step and tokens/s at B sequences: transformers generate() (the
               default dynamic cache), our decode loop, our loop with a static cache and
               torch.compile (CUDA graphs), and the floor: reading the weights and the KV
-              cache once per step at the device's measured copy bandwidth.
-  train       forward+backward tokens/s and TFLOP/s (6 * params * tokens) over N x T tokens,
-              with gradient checkpointing, and the peak memory.
-  amft step   whole training steps (rollouts, rewards, both losses, mu update, optimizer) of
-              fixed-mix and of amft with the meta-gradient every step and every 20 steps,
-              median seconds per step and the ratio to fixed-mix.
+              cache once per step at the device's measured copy bandwidth. "same tokens" is
+              the share of tokens equal to generate()'s for the same seed.
+  samplers    the same check on the tiny model in float32 with prompts of different lengths
+              (left padding): the exactness test, where rounding cannot explain a difference.
+  train       forward+backward+AdamW tokens/s and TFLOP/s (6 * params * tokens) over N x T
+              tokens, with and without gradient checkpointing, by micro-batch, and the peak.
+  amft step   whole train.py steps (rollouts, rewards, both losses, mu, optimizer) at the
+              model's recipe: fixed-mix, and amft with each meta-gradient estimator; amft
+              runs take dU/dmu every other step, so one run gives the plain step and the
+              meta step; "every K" is (K - 1 plain + 1 meta) / K. Per-phase seconds and peak.
   memory      peak memory of a 3-step run of the whole loop on the Qwen2.5-0.5B shape, with the
-              first-order and the autograd meta-gradient, in bytes per parameter: max allocated
-              on a GPU, peak RSS on a CPU (--memory; about 8 minutes on 2 cores).
+              first-order and the autograd meta-gradient, in bytes per parameter: peak RSS on
+              a CPU (--memory; about 8 minutes on 2 cores). On a GPU the step rows give it.
+  TRL         GRPOTrainer (--trl): the same model, prompts, B x G and new tokens, bf16 autocast
+              and gradient checkpointing, seconds per step after the first, in its own process.
 """
 import argparse
 import contextlib
@@ -55,6 +62,10 @@ def timed(fn, device, repeat=3):
     return statistics.median(times)
 
 
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+
+
 def copy_bandwidth(device, mb=256):
     """Bytes per second of a large device-to-device copy (read + write)."""
     x = torch.empty(mb * 2**20 // 4, device=device)
@@ -62,56 +73,93 @@ def copy_bandwidth(device, mb=256):
     return 2 * x.numel() * 4 / timed(lambda: y.copy_(x), device)
 
 
-def bench_decode(model, tok, device, B, P, C, compile_too):
+def bench_decode(model, tok, device, B, P, C, samplers):
+    """Rows (name, ms/step, tok/s, share of tokens equal to generate's for the same seed)."""
     prompts = ["x" * (P - 1)] * B  # char tokenizer: P - 1 characters
-    rows = []
-    for sampler in ["generate", "loop"] + (["compiled"] if compile_too else []):
-        never = [model.config.vocab_size]  # an EOS id outside the vocabulary: every row runs C steps
-        run = lambda: policy.sample(model, tok, prompts, G=1, max_new_tokens=C, eos=never, sampler=sampler)
+    never = [model.config.vocab_size]  # an EOS id outside the vocabulary: every row runs C steps
+    rows, drawn = [], {}
+    for sampler in samplers:
+        def run():
+            torch.manual_seed(0)
+            drawn[sampler] = policy.sample(model, tok, prompts, G=1, max_new_tokens=C, eos=never, sampler=sampler).completions
         seconds = timed(run, device, repeat=2)
-        rows.append((f"decode {sampler}", seconds / C * 1e3, B * C / seconds))
+        same = (drawn[sampler] == drawn["generate"]).float().mean().item()
+        rows.append((f"decode {sampler}", seconds / C * 1e3, B * C / seconds, same))
     n_params = sum(p.numel() for p in model.parameters())
     kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * (
         model.config.hidden_size // model.config.num_attention_heads)
     step_bytes = (n_params + B * (P + C / 2) * kv_per_token) * next(model.parameters()).element_size()
     floor = step_bytes / copy_bandwidth(device)
-    rows.append(("decode floor (weights + KV once per step)", floor * 1e3, B / floor))
+    rows.append(("decode floor (weights + KV once per step)", floor * 1e3, B / floor, None))
     return rows
 
 
-def bench_train(model, device, N, T):
+def sampler_agreement(device, samplers, G=4, C=24):
+    """Share of tokens each sampler draws equal to generate()'s, same seed, on the tiny model in
+    float32 with ragged prompts (left padding), sampling and greedy."""
+    model, tok = policy.load_policy("tiny", device=device)
+    model.eval()
+    prompts = ["2 J 5; J,Q,K=10; 10=", "3 4;", "K Q 9 8 7 ; J,Q,K=11,12,13; 24=", "A"]
+    agree = {}
+    for greedy in (False, True):
+        drawn = {}
+        for sampler in samplers:
+            torch.manual_seed(7)
+            drawn[sampler] = policy.sample(model, tok, prompts, G=G, max_new_tokens=C, greedy=greedy, eos=[len(tok) + 9],
+                                           sampler=sampler).completions
+            agree[sampler, greedy] = (drawn[sampler] == drawn["generate"]).float().mean().item()
+    return agree
+
+
+def bench_train(model, device, N, T, micro, ckpt):
+    """tokens/s, TFLOP/s (6 N params), peak GiB of forward+backward over N x T tokens in micro-batches
+    (log-probs of every position, as the peers score them) and one fused AdamW step."""
     model.train()
-    policy.set_checkpointing(model, True)
+    policy.set_checkpointing(model, ckpt)
     ids = torch.randint(0, model.config.vocab_size, (N, T), device=device)
     attn = torch.ones_like(ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.startswith("cuda"))
 
     def step():
-        logp = policy.token_logprobs(model, ids, attn, n_last=T // 2)
-        (-logp.mean()).backward()
-        model.zero_grad(set_to_none=True)
+        for s in train.slices(N, micro):
+            logp = policy.token_logprobs(model, ids[s], attn[s])
+            (-logp.sum() / logp.numel() / N * len(ids[s])).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, device, repeat=2)
     policy.set_checkpointing(model, False)
+    del opt
     n_params = sum(p.numel() for p in model.parameters())
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
-    return N * T / seconds, 6 * n_params * N * T / seconds / 1e12, peak
+    return N * T / seconds, 6 * n_params * N * T / seconds / 1e12, peak_gib(device)
 
 
-def bench_steps(model_name, device, steps, B, G, C, sampler):
-    """Median seconds per main-phase step of whole train.py runs, one per setting."""
+RUNS = [("fixed-mix", "fixed-mix", "first-order"), ("amft first-order", "amft", "first-order"),
+        ("amft autograd", "amft", "autograd")]
+
+
+def bench_steps(model_name, device, steps, B, G, C, sampler, runs=RUNS):
+    """Whole train.py runs at the model's recipe, dU/dmu every other step. Per run: median seconds
+    of a plain step and of a meta step (after the first two steps, which compile and warm caches),
+    the median seconds of each phase, and the peak memory."""
     out = {}
-    for label, method, every in [("fixed-mix", "fixed-mix", 1), ("amft, meta every step", "amft", 1),
-                                 ("amft, meta every 20", "amft", 20)]:
+    for label, method, meta_grad in runs:
         with tempfile.TemporaryDirectory(prefix="amft-bench-") as tmp:
             run_dir = os.path.join(tmp, "run")
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # only the table
-                train.main(train.Config(model=model_name, method=method, steps=steps, warmup=0, batch_size=B, group_size=G,
-                                        max_new_tokens=C, meta_every=every, eval_every=10**6, eval_batch=B, save_every=0,
-                                        device=device, sampler=sampler, skip_test=True, out=run_dir))  # the recipe's precision
+                summary = train.main(train.Config(
+                    model=model_name, method=method, steps=steps, warmup=0, batch_size=B, group_size=G, max_new_tokens=C,
+                    meta_every=2, meta_grad=meta_grad, eval_every=10**6, eval_batch=B, save_every=0, device=device,
+                    sampler=sampler, skip_test=True, out=run_dir))
             with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-                m = [json.loads(line) for line in f][2:]  # the first steps compile and warm caches
-        out[label] = statistics.median(B * (1 + G) / x["samples_per_s"] for x in m)
+                m = [json.loads(line) for line in f][2:]
+        plain = [x for x in m if x.get("val_reward") is None]
+        meta = [x for x in m if x.get("val_reward") is not None]
+        med = lambda rows, key: statistics.median(x[key] for x in rows) if rows and rows[0][key] is not None else None
+        out[label] = dict(plain=med(plain, "seconds_step"), meta=med(meta, "seconds_step"),
+                          phases={k: med(plain, f"seconds_{k}") for k in ("rollout", "rl", "sft")} | {"meta": med(meta, "seconds_meta")},
+                          peak_gib=summary["peak_memory_gib"], bytes_per_param=summary["bytes_per_param"])
     return out
 
 
@@ -122,7 +170,7 @@ def bench_memory(model_name, device, estimators=("first-order", "autograd")):
     rows = []
     for meta_grad in estimators:
         with tempfile.TemporaryDirectory(prefix="amft-bench-") as tmp:
-            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+            cmd = [sys.executable, os.path.abspath(__file__).replace("bench.py", "train.py"),
                    "--model", model_name, "--steps", "3", "--warmup", "1", "--batch-size", "2", "--group-size", "2",
                    "--max-new-tokens", "8", "--meta-every", "1", "--meta-grad", meta_grad, "--val-prompts", "1",
                    "--skip-test", "--device", device, "--out", os.path.join(tmp, "run")]  # the recipe's precision
@@ -136,53 +184,179 @@ def bench_memory(model_name, device, estimators=("first-order", "autograd")):
     return rows
 
 
+def trl_step(model_path, B, G, C, steps):
+    """TRL's GRPOTrainer on our model, tokenizer and General Points prompts (the pretrained
+    recipe's: 4 cards, target 24, in words) with our verifier as its reward: median seconds per
+    step after the first, and the peak. Runs in this process (bench.py --trl-step)."""
+    import datasets
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import data
+    splits = data.load_task("general-points", cards=4, target=24, style="plain")
+    rows = splits["train"][:B * steps]
+    answers = {r["prompt"]: r for r in rows}
+
+    def reward(prompts, completions, **_):
+        return [data.reward(answers[p], c) for p, c in zip(prompts, completions)]
+    gpu = torch.cuda.is_available()
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(prefix="amft-bench-trl-"), use_cpu=not gpu, bf16=gpu,
+                          gradient_checkpointing=True, per_device_train_batch_size=B * G, num_generations=G,
+                          max_completion_length=C, max_steps=steps, logging_steps=1, report_to="none",
+                          save_strategy="no", learning_rate=1e-6, temperature=1.0, seed=0)
+    trainer = trl.GRPOTrainer(model=model, processing_class=tok, reward_funcs=reward, args=args,
+                              train_dataset=datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in rows]))
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    times, t = [], time.perf_counter()
+
+    class Clock(__import__("transformers").TrainerCallback):
+        def on_step_end(self, *_, **__):
+            nonlocal t
+            sync("cuda" if gpu else "cpu")
+            times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+    trainer.add_callback(Clock())
+    trainer.train()
+    return dict(trl=trl.__version__, seconds=statistics.median(times[1:]), first=times[0], steps=len(times),
+                peak_gib=peak_gib("cuda" if gpu else "cpu"))
+
+
+def tiny_folder(parent):
+    with policy.no_progress_bars():
+        return policy.make_tiny_model(os.path.join(parent, "tiny"))
+
+
+def bench_trl(model_path, B, G, C, steps=3):
+    """trl_step in its own process, so its memory and imports stay out of ours."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--trl-step", model_path, str(B), str(G), str(C), str(steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings: seconds on a CPU")
     p.add_argument("--compile", action="store_true", help="also time the compiled sampler on a CPU (slow to build)")
     p.add_argument("--memory", action="store_true", help="also measure peak memory of the random-0.5b loop on a CPU "
-                   "(two runs of ~4 minutes and ~16 GiB each; always measured on a GPU)")
+                   "(two runs of ~4 minutes and ~16 GiB each)")
+    p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer at the step settings (needs trl, datasets)")
+    p.add_argument("--json", default="", help="also write every figure to this JSON file")
+    p.add_argument("--trl-step", nargs=5, help=argparse.SUPPRESS)  # bench_trl's child process
     a = p.parse_args(argv)
+    if a.trl_step:
+        path, *sizes = a.trl_step
+        print(json.dumps(trl_step(path, *map(int, sizes))))
+        return
     cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
+    device = "cuda" if cuda else "cpu"
     big = cuda and not a.quick
-    # settings: the issue's GPU settings, or CPU-sized ones
+    # settings: the GPU ones (TRL's GRPO step: 8 prompts x 8 completions x 256 new tokens), or CPU-sized ones
     B, P, C = (64, 128, 256) if big else ((4, 16, 8) if a.quick else (16, 32, 32))
     N, T = (64, 384) if big else ((4, 32) if a.quick else (16, 64))
-    sB, sG, sC, sSteps = (8, 8, 256, 8) if big else ((2, 2, 4, 4) if a.quick else (8, 8, 16, 8))
-    model_name = "random-0.5b" if big else "tiny"
-    model, tok = policy.load_policy(model_name, dtype=getattr(torch, dtype), device=device)
-    model.eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; model: {model_name} ({n_params / 1e6:.1f} M params, {dtype})")
+    sB, sG, sC, sSteps = (8, 8, 256, 6) if big else ((2, 2, 4, 4) if a.quick else (8, 8, 16, 6))
+    say = lambda line: print(line, flush=True)
+    with tempfile.TemporaryDirectory(prefix="amft-bench-model-") as folder:
+        if big:  # written once; every run below loads this folder (the pretrained recipe)
+            with policy.no_progress_bars():
+                policy.make_tiny_model(folder, **policy.QWEN_0_5B)
+        model_name = folder if big else "tiny"
+        dtype = torch.bfloat16 if cuda else torch.float32
+        model, tok = policy.load_policy(model_name, dtype=dtype, device=device)
+        model.eval()
+        n_params = sum(p.numel() for p in model.parameters())
+        say(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; "
+            f"model: {'random-0.5b' if big else 'tiny'} ({n_params / 1e6:.1f} M params)")
+        samplers = ["generate", "loop"] + (["compiled"] if cuda or a.compile else [])
+        result = {"decode": bench_decode(model, tok, device, B, P, C, samplers)}
+        say(f"decode: {result['decode']}")
+        result["agreement"] = {f"{s}{' greedy' if g else ''}": v for (s, g), v in sampler_agreement(device, samplers).items()}
+        say(f"samplers: {result['agreement']}")
+        grid = [(8, True), (8, False), (16, False), (32, False)] if big else [(N // 2, True)]
+        result["train"] = []
+        for micro, ckpt in grid:
+            tokens_s, tflops, peak = bench_train(model, device, N, T, micro, ckpt)
+            result["train"].append((f"{dtype}".split(".")[1], micro, ckpt, tokens_s, tflops, peak))
+            say(f"train: {result['train'][-1]}")
+        del model
+        if big:  # the recipe's precision: float32 weights and AdamW, bfloat16 autocast
+            model, _ = policy.load_policy(folder, device=device, amp=True)
+            for micro, ckpt in [(16, True), (16, False)]:
+                result["train"].append(("float32 + amp", micro, ckpt, *bench_train(model, device, N, T, micro, ckpt)))
+                say(f"train: {result['train'][-1]}")
+            del model
+        if cuda:
+            torch.cuda.empty_cache()
+        try:
+            result["steps"] = bench_steps(model_name, device, sSteps, sB, sG, sC, "compiled" if cuda else "generate",
+                                          RUNS if big or not a.quick else RUNS[:2])
+        except Exception as e:  # the other rows still print
+            result["steps"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        say(f"steps: {result['steps']}")
+        if cuda:
+            torch.cuda.empty_cache()  # what our runs cached, free for TRL's process
+        result["memory_model"] = "random-0.5b" if a.memory else "tiny"
+        result["memory"] = bench_memory(result["memory_model"], device,
+                                        ("autograd",) if a.quick else ("first-order", "autograd")) \
+            if (a.memory or a.quick) and not cuda else []
+        result["trl"] = bench_trl(model_name if big else tiny_folder(folder), sB, sG, sC) \
+            if a.trl else None
+        say(f"trl: {result['trl']}")
+        if cuda or a.compile:
+            counters = torch._dynamo.utils.counters
+            say(f"torch.compile: {dict(counters['stats'])}; {dict((k, v) for k, v in counters['inductor'].items() if 'cudagraph' in k)}")
+    result["table"] = table(result, B, P, C, N, T, sB, sG, sC, cuda)
+    print(result["table"])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
 
-    rows = bench_decode(model, tok, device, B, P, C, compile_too=cuda or a.compile)
-    tokens_s, tflops, peak = bench_train(model, device, N, T)
-    del model
-    steps = bench_steps(model_name, device, sSteps, sB, sG, sC, "compiled" if cuda else "generate")
-    mem_model = "random-0.5b" if big or a.memory else "tiny"
-    peaks = bench_memory(mem_model, device, ("autograd",) if a.quick else ("first-order", "autograd")) \
-        if big or a.memory or a.quick else []
 
-    base = rows[0][1]
+def table(r, B, P, C, N, T, sB, sG, sC, cuda) -> str:
+    base = r["decode"][0][1]
     lines = ["| what | value | vs baseline |", "|---|---|---|"]
-    lines += [f"| {name}, B={B}, prompt {P}, {C} new | {ms:.2f} ms/step, {tps:,.0f} tok/s | {base / ms:.2f}x generate |"
-              for name, ms, tps in rows]
-    memory = f", peak {peak:.1f} GiB" if cuda else ""
-    lines.append(f"| train fwd+bwd, {N} x {T} tokens, grad ckpt | {tokens_s:,.0f} tok/s, {tflops:.2f} TFLOP/s{memory} | |")
-    ref = steps["fixed-mix"]
-    lines += [f"| step: {k}, B={sB} x G={sG} x {sC} new | {v:.3f} s | {v / ref:.2f}x fixed-mix |" for k, v in steps.items()]
+    lines += [f"| {name}, B={B}, prompt {P}, {C} new | {ms:.2f} ms/step, {tps:,.0f} tok/s"
+              + (f", same tokens {same:.0%}" if same is not None and name != "decode generate" else "")
+              + f" | {base / ms:.2f}x generate |" for name, ms, tps, same in r["decode"]]
+    lines.append("| samplers = generate (tiny, float32, ragged prompts; sampled / greedy) | "
+                 + ", ".join(f"{k} {v:.0%}" for k, v in r["agreement"].items() if not k.startswith("generate")) + " | |")
+    for dtype, micro, ckpt, tokens_s, tflops, peak in r["train"]:
+        memory = f", peak {peak:.1f} GiB" if cuda else ""
+        lines.append(f"| train fwd+bwd+AdamW, {N} x {T} tokens, {dtype}, micro-batch {micro}, grad ckpt {'on' if ckpt else 'off'} "
+                     f"| {tokens_s:,.0f} tok/s, {tflops:.2f} TFLOP/s{memory} | |")
+    if "error" in r["steps"]:
+        lines.append(f"| steps | failed: {r['steps']['error']} | |")
+        r = dict(r, steps={})
+    fixed = r["steps"].get("fixed-mix", {}).get("plain")
     where = "max allocated" if cuda else "peak RSS"
-    lines += [f"| memory: {mem_model} loop, meta-grad {est}, B=2 x G=2 | {gib:.2f} GiB {where}, {bpp:.1f} bytes/param "
-              f"({sec:.0f} s) | |" for est, gib, bpp, sec in peaks]
-    try:
-        import trl  # noqa: F401
-        lines.append("| TRL GRPOTrainer | not measured by this script yet | |")
-    except ImportError:
-        lines.append("| TRL GRPOTrainer | trl not installed | |")
-    table = "\n".join(lines)
-    print(table)
-    return {"decode": rows, "train_tokens_per_s": tokens_s, "tflops": tflops, "steps": steps, "memory": peaks, "table": table}
+    for label, s in r["steps"].items():
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in s["phases"].items() if v is not None)
+        memory = f"; peak {s['peak_gib']:.1f} GiB {where} ({s['bytes_per_param']:.0f} B/param)"
+        if label == "fixed-mix":
+            lines.append(f"| step: fixed-mix, B={sB} x G={sG} x {sC} new | {fixed:.3f} s ({phases}){memory} | 1.00x fixed-mix |")
+            continue
+        for K in (1, 20):
+            t = s["meta"] if K == 1 else (s["plain"] * (K - 1) + s["meta"]) / K
+            lines.append(f"| step: {label}, meta every {K if K > 1 else 'step'} | {t:.3f} s"
+                         + (f" ({phases}){memory}" if K == 1 else "") + f" | {t / fixed:.2f}x fixed-mix |")
+    lines += [f"| memory: {r['memory_model']} loop, meta-grad {est}, B=2 x G=2 | {gib:.2f} GiB {where}, {bpp:.1f} bytes/param "
+              f"({sec:.0f} s) | |" for est, gib, bpp, sec in r["memory"]]
+    trl = r["trl"]
+    if trl is None:
+        lines.append("| TRL GRPOTrainer | not run (--trl) | |")
+    elif "error" in trl:
+        lines.append(f"| TRL GRPOTrainer | failed: {trl['error']} | |")
+    else:
+        amft = r["steps"].get("amft first-order")
+        ratio = f"amft (meta every 20) {trl['seconds'] / ((amft['plain'] * 19 + amft['meta']) / 20):.1f}x faster" if amft else ""
+        lines.append(f"| TRL {trl['trl']} GRPOTrainer, B={sB} x G={sG} x {sC} new | {trl['seconds']:.3f} s/step "
+                     f"(first {trl['first']:.1f} s), peak {trl['peak_gib']:.1f} GiB | {ratio} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import socket
 import tempfile
 import types
 import urllib.parse
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -144,6 +145,7 @@ def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, 
         set_checkpointing(model, True)
     if amp:  # bound to the model, so a deepcopy (the KL reference) rebinds it to the copy
         model.forward = types.MethodType(torch.autocast(torch.device(device).type, dtype=torch.bfloat16)(type(model).forward), model)
+        model.amp = True
     return model.to(device), tok
 
 
@@ -243,7 +245,10 @@ def sample(model, tok, prompts: list, G: int, temperature: float = 1.0, max_new_
            greedy: bool = False, eos=None, sampler: str = "generate") -> Rollout:
     """G completions per prompt. sampler: 'generate' (transformers), 'loop' (decode_loop below)
     or 'compiled' (decode_loop, static cache, torch.compile)."""
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    # the compiled sampler's shapes (prompt + cache length) come in steps of 64, so a new batch
+    # seldom means a new graph; extra left padding is masked and changes no probability
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+              pad_to_multiple_of=64 if sampler == "compiled" else None)
     device = next(model.parameters()).device
     ids = enc.input_ids.repeat_interleave(G, 0).to(device)           # (B*G, P)
     attn = enc.attention_mask.repeat_interleave(G, 0).to(device)     # (B*G, P)
@@ -251,8 +256,12 @@ def sample(model, tok, prompts: list, G: int, temperature: float = 1.0, max_new_
     if sampler == "generate":
         completions = _generate(model, ids, attn, max_new_tokens, temperature, eos, tok.pad_token_id, greedy)
     else:
-        completions = decode_loop(model, ids, attn, max_new_tokens, temperature, eos, tok.pad_token_id,
+        decoder = bf16_copy(model) if sampler == "compiled" and getattr(model, "amp", False) else model
+        completions = decode_loop(decoder, ids, attn, max_new_tokens, temperature, eos, tok.pad_token_id,
                                   greedy, compiled=sampler == "compiled")
+    if sampler == "compiled":  # the bucket's extra columns go again: the log-probs need only the prompts' own padding
+        first = int(attn.any(0).long().argmax())
+        ids, attn = ids[:, first:], attn[:, first:]
     mask = completion_mask(completions, eos)
     lengths = mask.sum(1).long().tolist()
     texts = tok.batch_decode([c[:n] for c, n in zip(completions.tolist(), lengths)],
@@ -278,7 +287,61 @@ def _generate(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy):
     return out[:, ids.shape[1]:]                                      # (B*G, C)
 
 
-_compiled_steps = {}
+def _forward(model, **inputs):
+    return model(**inputs)
+
+
+_compiled = []
+_static_caches = weakref.WeakKeyDictionary()  # model -> ((batch, length), StaticCache): freed with the model
+_bf16_copies = weakref.WeakKeyDictionary()    # model -> its bfloat16 decoding copy (--amp, compiled sampler)
+
+
+def compiled_forward():
+    """_forward through torch.compile, built once per process. The model is an argument, not
+    captured, so nothing here keeps a model alive, and a new model of the same shape and dtype
+    reuses the compiled code (its CUDA graph is recorded again for the new weights)."""
+    if not _compiled:
+        _compiled.append(torch.compile(_forward, mode="reduce-overhead", fullgraph=False))
+    return _compiled[0]
+
+
+def static_cache(model, batch: int, length: int):
+    """A zeroed StaticCache for `batch` rows of `length` positions, the same tensors from call to
+    call while the shape holds: a CUDA graph reads the cache at fixed addresses, so a new cache
+    each call would mean recording the graph again each call."""
+    from transformers import StaticCache
+    held = _static_caches.get(model)
+    if held is None or held[0] != (batch, length):
+        held = (batch, length), StaticCache(config=model.config, max_cache_len=length)
+        _static_caches[model] = held
+    held[1].reset()
+    return held[1]
+
+
+@torch.no_grad()
+def bf16_copy(model):
+    """The weights in bfloat16 for the compiled sampler under --amp, refreshed from the float32
+    weights at every call (2 bytes/param more memory). Two reasons: a static KV cache holds keys
+    and values in one dtype, but under autocast the keys come out of the rotary embedding in
+    float32 and the values in bfloat16; and casting every weight at every decode step would
+    triple the bytes a step reads. It computes as a bfloat16 model, not as autocast does (norms
+    and the residual stream are bfloat16 too), so its samples come from a distribution within
+    bfloat16 rounding of the one the log-probs score; the GRPO ratio is taken against log-probs
+    recomputed by the training forward, as with any separate inference engine."""
+    twin = _bf16_copies.get(model)
+    if twin is None:
+        twin = copy.deepcopy(model)
+        twin.__dict__.pop("forward", None)  # no autocast wrapper: it computes in bfloat16 throughout
+        twin.amp = False
+        for p in twin.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+            p.data = p.data.to(torch.bfloat16)
+        twin.eval()
+        _bf16_copies[model] = twin
+    for mine, theirs in zip(twin.parameters(), model.parameters()):
+        mine.copy_(theirs)
+    return twin
 
 
 def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=False, compiled=False):
@@ -288,24 +351,19 @@ def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=
     draws the same tokens. compiled=True preallocates a StaticCache (fixed shapes: the whole
     attention mask is passed every step) and runs the one-token forward through
     torch.compile(mode="reduce-overhead"), which captures it as a CUDA graph on a GPU."""
-    from transformers import DynamicCache, StaticCache
+    from transformers import DynamicCache
     B, P = ids.shape
-    cache = (StaticCache(config=model.config, max_cache_len=P + max_new_tokens) if compiled
-             else DynamicCache(config=model.config))
+    cache = static_cache(model, B, P + max_new_tokens) if compiled else DynamicCache(config=model.config)
     mask = torch.cat([attn, attn.new_ones(B, max_new_tokens)], 1)             # (B, P+C)
     position = (attn.cumsum(-1) - 1).clamp(min=0)                             # (B, P)
     kv = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in transformers 5.x
-    forward = model
-    if compiled:
-        key = id(model)
-        if key not in _compiled_steps:
-            _compiled_steps[key] = torch.compile(model, mode="reduce-overhead", fullgraph=False)
-        forward = _compiled_steps[key]
+    forward = compiled_forward() if compiled else _forward
     logits = model(input_ids=ids, attention_mask=mask[:, :P] if not compiled else mask, position_ids=position,
                    cache_position=torch.arange(P, device=ids.device), logits_to_keep=1, **{kv: cache}).logits
     out = ids.new_full((B, max_new_tokens), pad)                               # (B, C)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     eos_t = torch.tensor(eos, device=ids.device)
+    last = torch.tensor(max_new_tokens - 1, device=ids.device)                 # the step at which every row had ended
     for t in range(max_new_tokens):
         scores = logits[:, -1].float()                                         # (B, V)
         if greedy:
@@ -315,11 +373,17 @@ def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=
         token = torch.where(done, torch.full_like(token, pad), token)
         out[:, t] = token
         done |= torch.isin(token, eos_t)
-        if bool(done.all()) or t + 1 == max_new_tokens:
+        if compiled:  # ask the GPU whether all rows are done only every 8 steps: each question is a sync
+            last = torch.minimum(last, torch.where(done.all(), t, max_new_tokens - 1))
+            if t + 1 == max_new_tokens or (t % 8 == 7 and bool(done.all())):
+                return out[:, :int(last) + 1]  # the steps after the last row ended hold only pad
+        elif bool(done.all()) or t + 1 == max_new_tokens:
             return out[:, :t + 1]
         step_mask = mask if compiled else mask[:, :P + t + 1]
-        logits = forward(input_ids=token[:, None], attention_mask=step_mask, position_ids=position[:, -1:] + t + 1,
-                         cache_position=torch.tensor([P + t], device=ids.device), **{kv: cache}).logits
+        if compiled:  # this step's logits were read: the graph may overwrite its output buffers
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = forward(model, input_ids=token[:, None], attention_mask=step_mask, position_ids=position[:, -1:] + t + 1,
+                         cache_position=torch.full((1,), P + t, device=ids.device), **{kv: cache}).logits
     return out
 
 

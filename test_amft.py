@@ -103,6 +103,23 @@ def test_decode_loop_draws_the_same_tokens_as_generate(tiny_path, greedy):
     assert torch.equal(outs["generate"].mask, outs["loop"].mask) and outs["generate"].texts == outs["loop"].texts
 
 
+def test_compiled_sampler_draws_the_same_tokens_as_generate(tiny_path):
+    # its own path: a static cache reused across calls, prompts padded to a 64-column bucket (and
+    # trimmed again), the end of all rows checked every 8 steps (and the pad-only steps trimmed)
+    model, tok = policy.load_policy(tiny_path)
+    prompts = ["cards 3 J 5; J,Q,K=10; make 10: ", "ab", "make"]
+    ends = list(range(3, 33))  # a third of the vocabulary ends a row: lengths 1 to 12 at this seed
+    outs = {}
+    for sampler in ("generate", "compiled", "compiled"):
+        torch.manual_seed(3)
+        outs[sampler] = policy.sample(model, tok, prompts, G=4, max_new_tokens=40, eos=ends, sampler=sampler)
+        lengths = outs[sampler].mask.sum(1)
+        assert lengths.min() == 1 and lengths.max() == outs[sampler].completions.shape[1] == 12
+    g, c = outs["generate"], outs["compiled"]
+    assert torch.equal(g.completions, c.completions) and torch.equal(g.mask, c.mask) and g.texts == c.texts
+    assert torch.equal(g.prompt_ids, c.prompt_ids) and torch.equal(g.prompt_mask, c.prompt_mask)
+
+
 def test_sampling_ignores_the_checkpoints_generation_settings(tmp_path, tiny_path):
     # a checkpoint whose generation_config.json sets processors (as Qwen2.5-Instruct's does):
     # rollouts must still be drawn from softmax(logits / temperature), the distribution we score

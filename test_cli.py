@@ -255,9 +255,15 @@ def test_compare_quick_writes_table_and_figure(tmp_path):
 def test_bench_quick_prints_every_row():
     import bench
     result = bench.main(["--quick"])
-    assert len(result["decode"]) == 3 and all(ms > 0 and tps > 0 for _, ms, tps in result["decode"])
-    assert result["train_tokens_per_s"] > 0 and set(result["steps"]) == {"fixed-mix", "amft, meta every step", "amft, meta every 20"}
-    assert "x fixed-mix" in result["table"] and "x generate" in result["table"]
+    assert len(result["decode"]) == 3 and all(ms > 0 and tps > 0 for _, ms, tps, _ in result["decode"])
+    assert result["decode"][1][3] == 1.0 and result["agreement"] == {"generate": 1.0, "loop": 1.0, "generate greedy": 1.0, "loop greedy": 1.0}
+    (dtype, micro, ckpt, tokens_s, tflops, _), = result["train"]
+    assert tokens_s > 0 and tflops > 0 and ckpt
+    assert set(result["steps"]) == {"fixed-mix", "amft first-order"}
+    fixed, amft = result["steps"]["fixed-mix"], result["steps"]["amft first-order"]
+    assert fixed["meta"] is None and fixed["phases"]["meta"] is None and amft["meta"] > 0 and amft["phases"]["meta"] > 0
+    assert all(v > 0 for k, v in amft["phases"].items()) and 0 < fixed["plain"] < amft["meta"]
+    assert "x fixed-mix" in result["table"] and "x generate" in result["table"] and "meta every 20" in result["table"]
     (estimator, gib, bytes_per_param, _), = result["memory"]  # the tiny model's whole loop, in its own process
     assert estimator == "autograd" and 0.1 < gib < 8 and bytes_per_param > 20 and "bytes/param" in result["table"]
 
@@ -288,10 +294,13 @@ def test_a_pretrained_model_resolves_to_the_pretrained_recipe(instruct_path):
     cfg = train.parse_args(["--model", instruct_path])
     assert train.resolve(cfg, cuda=False) == "pretrained"
     assert (cfg.lr, cfg.warmup, cfg.meta_every, cfg.cards, cfg.target, cfg.prompt) == (1e-6, 50, 20, 4, 24, "plain")
-    assert (cfg.micro_batch, cfg.dtype, cfg.grad_ckpt, cfg.amp, cfg.group_size) == (16, "float32", True, False, 8)
-    cfg = train.parse_args(["--model", "Qwen2.5-0.5B"])  # the headline command, on a GPU: mixed precision
+    assert (cfg.micro_batch, cfg.dtype, cfg.grad_ckpt, cfg.amp, cfg.group_size, cfg.sampler) == (16, "float32", True, False, 8, "generate")
+    cfg = train.parse_args(["--model", "Qwen2.5-0.5B"])  # the headline command, on a GPU: mixed precision, compiled sampler
     train.resolve(cfg, cuda=True)
-    assert (cfg.recipe, cfg.lr, cfg.dtype, cfg.amp, cfg.grad_ckpt) == ("pretrained", 1e-6, "float32", True, True)
+    assert (cfg.recipe, cfg.lr, cfg.dtype, cfg.amp, cfg.grad_ckpt, cfg.sampler) == ("pretrained", 1e-6, "float32", True, True, "compiled")
+    cfg = train.parse_args(["--model", "Qwen2.5-0.5B", "--sampler", "loop"])
+    train.resolve(cfg, cuda=True)
+    assert cfg.sampler == "loop"
     cfg = train.parse_args(["--model", "Qwen2.5-0.5B", "--lr", "3e-6", "--no-grad-ckpt", "--cards", "3"])
     train.resolve(cfg, cuda=True)  # every explicit flag wins
     assert (cfg.lr, cfg.grad_ckpt, cfg.cards, cfg.target) == (3e-6, False, 3, 24)

@@ -41,7 +41,30 @@ import rewards
 from settings import RECIPES, Config, UsageError, check, parse_args, resolve  # noqa: F401 (train.Config etc.)
 
 
-METRICS = ("entropy", "reward_mean", "reward_std", "sft_loss", "rl_loss", "frac_zero_std")  # None where not computed
+METRICS = ("entropy", "reward_mean", "reward_std", "sft_loss", "rl_loss", "frac_zero_std",  # None where not computed
+           "seconds_rollout", "seconds_rl", "seconds_sft", "seconds_meta")
+
+
+class Laps:
+    """Seconds spent in each phase of a step. On a GPU the queued work is waited for at each
+    boundary, so each phase is charged with its own kernels."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.start = self.last = self.now()
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def __call__(self) -> float:
+        """Seconds since the last call (or since the start)."""
+        t, self.last = self.last, self.now()
+        return round(self.last - t, 4)
+
+    def total(self) -> float:
+        return self.now() - self.start
 
 
 class TrainingError(RuntimeError):
@@ -197,6 +220,8 @@ def count_bad_steps(state, skipped: bool, limit: int):
 def main(cfg: Config):
     t_start = time.time()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # this run's peak, also when a process makes several
     recipe = resolve(cfg, cuda=device.startswith("cuda"))
     check(cfg)
     try:
@@ -290,7 +315,7 @@ def main(cfg: Config):
     pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc=cfg.method, dynamic_ncols=True)
     with open(os.path.join(out, "metrics.jsonl"), "a") as log, checkpoint.stop_on_ctrl_c() as stop:
         for step in pbar:
-            t0 = time.time()
+            lap = Laps(device)
             now = amft.phase(method, step, cfg.warmup)
             rows = next_rows(train_rows, state, data_rng, cfg.batch_size, tok, chat)
             demos = policy.sft_batch(tok, [r["prompt"] for r in rows], [r["demo"] for r in rows], end, device) if now.demos else None
@@ -300,16 +325,19 @@ def main(cfg: Config):
             # ------------------------------------------------------------ sample -> reward -> advantages -> RL gradient
             if now.rl:
                 roll, r = rollouts(model, tok, rows, cfg, eos)                                   # r: (B, G)
+                m["seconds_rollout"] = lap()
                 A, A_demo, m["frac_zero_std"] = amft.advantages(r, demo_rewards(rows, method, cfg.verifier))  # (B*G,), (B,)
                 ref_model = reference(model, ref_model, cfg.beta)
                 rl = rl_backward(model, ref_model, roll, A=A.to(device), cfg=cfg, shaped=method.shaped, demos=demos, A_demo=A_demo)
                 g_rl, H = take_grads(params), rl.pop("entropy")
                 m.update(rl_loss=rl.pop("loss"), entropy=H, reward_mean=r.mean().item(), reward_std=r.std().item(),
                          completion_len=roll.mask.sum(1).mean().item(), **rl)
+                m["seconds_rl"] = lap()
             # ------------------------------------------------------------ SFT gradient on the demonstrations
             if now.sft:
                 m["sft_loss"] = sft_backward(model, demos, cfg.micro_batch)
                 g_sft = take_grads(params)
+                m["seconds_sft"] = lap()
             finite = all(math.isfinite(m[k]) for k in ("sft_loss", "rl_loss") if m[k] is not None)
             # ------------------------------------------------------------ mu: entropy term, meta-gradient every K steps
             if now.rl and method.mixes:
@@ -319,6 +347,7 @@ def main(cfg: Config):
                     with checkpoint.torch_stream(val_stream):
                         dU, m["val_reward"] = meta_gradient(model, tok, val, params=params, g_rl=g_rl, g_sft=g_sft,
                                                             mu=controller.mu, alpha=alpha, cfg=cfg, eos=eos)
+                    m["seconds_meta"] = lap()
                 m.update(controller.update(H, dU, finite))
             # ------------------------------------------------------------ parameter step on w_RL g_RL + w_SFT g_SFT
             m["w_rl"], m["w_sft"] = amft.loss_weights(method, controller.mu, H or 0.0, now.warm)
@@ -332,7 +361,8 @@ def main(cfg: Config):
             # ------------------------------------------------------------ log, evaluate, checkpoint
             n_samples = cfg.batch_size * (now.demos + cfg.group_size * now.rl)  # demonstrations + rollouts
             state.update(step=step + 1, samples_seen=state["samples_seen"] + n_samples)
-            m.update(samples_per_s=n_samples / (time.time() - t0), samples_seen=state["samples_seen"])
+            seconds = lap.total()
+            m.update(seconds_step=round(seconds, 4), samples_per_s=n_samples / seconds, samples_seen=state["samples_seen"])
             if state["step"] % cfg.eval_every == 0 or (state["step"] == cfg.steps and not cfg.skip_test):  # not in samples_per_s
                 m["val_accuracy"] = evaluate(model, tok, val_rows, cfg, eos)["accuracy"]
             log.write(checkpoint.to_json(m) + "\n")
