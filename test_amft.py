@@ -120,6 +120,28 @@ def test_compiled_sampler_draws_the_same_tokens_as_generate(tiny_path):
     assert torch.equal(g.prompt_ids, c.prompt_ids) and torch.equal(g.prompt_mask, c.prompt_mask)
 
 
+def test_the_bfloat16_decoding_copy_follows_the_weights_and_dies_with_the_model(tiny_path):
+    import gc
+    import weakref
+    model, tok = policy.load_policy(tiny_path, amp=True)  # --amp: the compiled sampler decodes with this copy
+    twin = policy.bf16_copy(model)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in twin.parameters())
+    assert "forward" not in twin.__dict__ and getattr(model, "amp", False) and not twin.amp  # no autocast in the copy
+    bf16 = lambda m: [p.detach().to(torch.bfloat16) for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(twin.parameters(), bf16(model)))
+    with torch.no_grad():  # an optimizer step, as far as the copy can tell
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert not any(torch.equal(a, b) for a, b in zip(twin.parameters(), bf16(model)))  # stale until the next call ...
+    assert policy.bf16_copy(model) is twin  # ... which refreshes the same tensors
+    assert all(torch.equal(a, b) for a, b in zip(twin.parameters(), bf16(model)))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    alive = weakref.ref(twin)
+    del model, twin
+    gc.collect()
+    assert alive() is None
+
+
 def test_sampling_ignores_the_checkpoints_generation_settings(tmp_path, tiny_path):
     # a checkpoint whose generation_config.json sets processors (as Qwen2.5-Instruct's does):
     # rollouts must still be drawn from softmax(logits / temperature), the distribution we score
