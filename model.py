@@ -244,7 +244,7 @@ class Rollout(NamedTuple):
 def sample(model, tok, prompts: list, G: int, temperature: float = 1.0, max_new_tokens: int = 16,
            greedy: bool = False, eos=None, sampler: str = "generate") -> Rollout:
     """G completions per prompt. sampler: 'generate' (transformers), 'loop' (decode_loop below)
-    or 'compiled' (decode_loop, static cache, torch.compile)."""
+    or 'compiled' (decode_loop, static cache, torch.compile; under --amp through bf16_copy)."""
     # the compiled sampler's shapes (prompt + cache length) come in steps of 64, so a new batch
     # seldom means a new graph; extra left padding is masked and changes no probability
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
