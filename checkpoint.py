@@ -13,6 +13,7 @@ import pickle
 import shutil
 import signal
 import sys
+import time
 
 import torch
 
@@ -105,14 +106,46 @@ def streams(data_rng, val_rng, val_stream: dict) -> dict:
             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def restore_streams(saved: dict, data_rng, val_rng, val_stream: dict):
-    """The inverse of `streams`."""
+def restore_streams(state: dict, data_rng, val_rng, val_stream: dict, rank=0, world=1, seed=0):
+    """The inverse of `streams`, from a checkpoint's state. With several processes each rank gets
+    its own streams back (state["rng_ranks"]); resumed with another number of processes, every
+    rank continues the data streams (the same on all ranks) and ranks other than 0 sample on
+    fresh torch streams of their own."""
+    per_rank = state.get("rng_ranks") or [state["rng"]]
+    same = len(per_rank) == world
+    saved = per_rank[rank] if same else state["rng"]
     data_rng.setstate(saved["data"])
     val_rng.setstate(saved["val"])
     val_stream.update(saved["val_torch"])
     torch.set_rng_state(saved["torch"])
     if saved["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
+    if not same and rank > 0:
+        torch.manual_seed(seed + 7919 * rank + state["step"])
+        val_stream.clear()
+        val_stream.update(seed=seed + 1_000_003 + 7919 * rank + state["step"])
+
+
+class Laps:
+    """Seconds spent in each phase of a step. On a GPU the queued work is waited for at each
+    boundary, so each phase is charged with its own kernels."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.start = self.last = self.now()
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def __call__(self) -> float:
+        """Seconds since the last call (or since the start)."""
+        t, self.last = self.last, self.now()
+        return round(self.last - t, 4)
+
+    def total(self) -> float:
+        return self.now() - self.start
 
 
 @contextlib.contextmanager

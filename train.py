@@ -21,6 +21,7 @@ Outputs go to --out (default runs/<method>-<time>): config.json, metrics.jsonl (
 step), summary.json (accuracy before and after), model/ (save_pretrained), checkpoint/
 (resumable), curves.png (with matplotlib).
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -36,6 +37,7 @@ import amft
 import checkpoint
 import data
 import model as policy
+import parallel
 import plots
 import rewards
 from settings import RECIPES, Config, UsageError, check, parse_args, resolve  # noqa: F401 (train.Config etc.)
@@ -43,28 +45,6 @@ from settings import RECIPES, Config, UsageError, check, parse_args, resolve  # 
 
 METRICS = ("entropy", "reward_mean", "reward_std", "sft_loss", "rl_loss", "frac_zero_std",  # None where not computed
            "seconds_rollout", "seconds_rl", "seconds_sft", "seconds_meta")
-
-
-class Laps:
-    """Seconds spent in each phase of a step. On a GPU the queued work is waited for at each
-    boundary, so each phase is charged with its own kernels."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.start = self.last = self.now()
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def __call__(self) -> float:
-        """Seconds since the last call (or since the start)."""
-        t, self.last = self.last, self.now()
-        return round(self.last - t, 4)
-
-    def total(self) -> float:
-        return self.now() - self.start
 
 
 class TrainingError(RuntimeError):
@@ -98,8 +78,9 @@ def evaluate(model, tok, rows, cfg, eos, k=0) -> dict:
     of rows whose greedy completion (any of k samples) earns reward 1."""
     model.eval()
     hits, hits_k = 0.0, 0.0
-    for i in range(0, len(rows), cfg.eval_batch):
-        chunk = rows[i:i + cfg.eval_batch]
+    mine = parallel.strided(rows)  # with several processes each scores its rows, and the hits add up
+    for i in range(0, len(mine), cfg.eval_batch):
+        chunk = mine[i:i + cfg.eval_batch]
         prompts = [r["prompt"] for r in chunk]
         greedy = policy.sample(model, tok, prompts, G=1, max_new_tokens=cfg.max_new_tokens, greedy=True,
                                eos=eos, sampler=cfg.sampler)
@@ -109,6 +90,7 @@ def evaluate(model, tok, rows, cfg, eos, k=0) -> dict:
                                   max_new_tokens=cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
             hits_k += (score(drawn.texts, chunk, k, cfg.verifier).max(1).values == 1).sum().item()
     model.train()
+    hits, hits_k = parallel.total(hits), parallel.total(hits_k)
     n = max(len(rows), 1)
     return {"accuracy": hits / n, **({f"pass@{k}": hits_k / n} if k else {})}
 
@@ -127,12 +109,12 @@ def take_grads(params: dict) -> dict:
 
 def sft_backward(model, demos, micro):
     """Accumulate grad L_SFT over micro-batches; returns the loss."""
-    denom, D = demos.mask.sum(), demos.mask.shape[1]
+    denom, D = parallel.total(demos.mask.sum()), demos.mask.shape[1]  # every process's tokens
 
     def loss_of(sl):
         logp = policy.token_logprobs(model, demos.ids[sl], demos.attn[sl], n_last=D)
         return amft.sft_loss(logp, demos.mask[sl], denom), {}
-    return amft.accumulate(loss_of, slices(len(demos.ids), micro))["loss"]
+    return parallel.total(amft.accumulate(loss_of, slices(len(demos.ids), micro))["loss"])
 
 
 def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo=None):
@@ -141,9 +123,9 @@ def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo
     demonstrations (A_demo not None) are off-policy members of their groups, inside the same
     token-level mean."""
     ids, attn, mask, C = roll.ids, roll.attn, roll.mask, roll.mask.shape[1]
-    n_tokens = mask.sum()
+    n_tokens = parallel.total(mask.sum())  # the token counts of every process: each loss is its share
     demos = demos if A_demo is not None else None
-    denom = n_tokens + (demos.mask.sum() if demos is not None else 0)
+    denom = n_tokens + (parallel.total(demos.mask.sum()) if demos is not None else 0)
 
     def rollout_loss(sl):
         logp, entropy = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=C, with_entropy=True)
@@ -162,22 +144,22 @@ def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo
     out = amft.accumulate(rollout_loss, slices(len(ids), cfg.micro_batch))
     if demos is not None:
         out["loss"] += amft.accumulate(demo_loss, slices(len(demos.ids), cfg.micro_batch))["loss"]
-    return out
+    return parallel.sum_scalars(out)  # the shares add up
 
 
 def meta_gradient(model, tok, rows, *, params, g_rl, g_sft, mu, alpha, cfg, eos):
     """dU/dmu on fresh validation rollouts from pi_theta, by the estimator --meta-grad, in
     micro-batches of --micro-batch sequences. Returns dU/dmu and the validation reward."""
-    roll, r = rollouts(model, tok, rows, cfg, eos)
+    roll, r = rollouts(model, tok, parallel.strided(rows), cfg, eos)            # this process's validation prompts
     A = amft.group_advantages(r)[0].flatten()                                  # (B_val * G,)
-    ids, attn, mask, N = roll.ids, roll.attn, roll.mask, len(roll.texts)
+    ids, attn, mask, N = roll.ids, roll.attn, roll.mask, parallel.total(len(roll.texts))
 
     def U(sl):  # this micro-batch's share of the policy-gradient surrogate of validation reward
         logp = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=mask.shape[1])
         return amft.policy_gradient_surrogate(logp, A[sl].to(logp), mask[sl], n=N)
     estimator = amft.META_GRADS[cfg.meta_grad]
-    dU = estimator(U, params=params, g_rl=g_rl, g_sft=g_sft, mu=mu, alpha=alpha, chunks=slices(N, cfg.micro_batch))
-    return dU, r.mean().item()
+    dU = estimator(U, params=params, g_rl=g_rl, g_sft=g_sft, mu=mu, alpha=alpha, chunks=slices(len(ids), cfg.micro_batch))
+    return parallel.total(dU), parallel.total(r.sum().item()) / N  # U's shares add up, and so do their derivatives
 
 
 def next_rows(train_rows, state, rng, B, tok, chat):
@@ -220,6 +202,7 @@ def count_bad_steps(state, skipped: bool, limit: int):
 def main(cfg: Config):
     t_start = time.time()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = parallel.device_of_rank(device)  # under torchrun: 'cuda' -> this process's GPU
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # this run's peak, also when a process makes several
     recipe = resolve(cfg, cuda=device.startswith("cuda"))
@@ -232,7 +215,7 @@ def main(cfg: Config):
     torch.manual_seed(cfg.seed)                     # training rollouts: torch's generator
     data_rng = random.Random(f"data-{cfg.seed}")    # training order and card orders
     val_rng = random.Random(f"val-{cfg.seed}")      # validation prompts of the meta-gradient
-    val_stream = {"seed": cfg.seed + 1_000_003}     # ... and their rollouts (torch_stream)
+    val_stream = {"seed": cfg.seed + 1_000_003 + 7919 * parallel.rank()}  # ... and their rollouts (torch_stream)
     try:
         name = os.path.join(cfg.resume, "checkpoint") if cfg.resume else cfg.model
         model, tok = policy.load_policy(name, dtype=getattr(torch, cfg.dtype), device=device, lora_r=cfg.lora_r,
@@ -240,7 +223,13 @@ def main(cfg: Config):
         splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    parallel.join(device)  # under torchrun: the process group, from here on
+    if parallel.world() > 1:
+        parallel.broadcast_(model.parameters())  # rank 0's weights everywhere (they are equal already), as DDP starts
+        torch.manual_seed(cfg.seed + 7919 * parallel.rank())  # each process samples completions of its own
     sizes = f"{len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test rows"
+    if cfg.batch_size % parallel.world():
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {parallel.world()} processes")
     if not splits["test"] or (not cfg.eval_only and len(splits["train"]) < cfg.batch_size):
         raise UsageError(f"--task {cfg.task}: {sizes}, too few for --batch-size {cfg.batch_size} and a test split; "
                          "use more rows or a smaller --batch-size")
@@ -256,9 +245,11 @@ def main(cfg: Config):
             r["prompt"] = policy.format_prompt(tok, r["prompt"], chat)
     scored = dict(seed=cfg.seed, verifier=cfg.verifier, test_prompts=len(splits["test"]),  # which test split the summary scores
                   test_prompts_crc32=zlib.crc32("\n".join(r["prompt"] for r in splits["test"]).encode()))
-    # only now, with every input checked, do we create the output folder
+    # only now, with every input checked (by every process), do we create the output folder
     out = cfg.resume or cfg.out or os.path.join("runs", f"{'eval' if cfg.eval_only else cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
+    out = parallel.gather_objects(out)[0]  # rank 0's name; only rank 0 writes
+    if parallel.is_main():
+        os.makedirs(out, exist_ok=True)
 
     def test_all(k=0):
         """Greedy accuracy on the test split(s), and pass@k on the ID test when k > 0."""
@@ -273,7 +264,8 @@ def main(cfg: Config):
     if cfg.eval_only:
         summary = dict(method="eval-only", model=cfg.model, task=cfg.task, steps=0, **test_all(cfg.pass_k),
                        **scored, wall_seconds=round(time.time() - t_start, 1), device=device)
-        checkpoint.atomic_json(summary, os.path.join(out, "summary.json"))
+        if parallel.is_main():
+            checkpoint.atomic_json(summary, os.path.join(out, "summary.json"))
         print(checkpoint.to_json(summary))
         return summary
 
@@ -294,12 +286,13 @@ def main(cfg: Config):
             raise UsageError(str(e)) from None
         try:
             controller.load_state_dict(state["controller"])
-            checkpoint.restore_streams(state["rng"], data_rng, val_rng, val_stream)
+            checkpoint.restore_streams(state, data_rng, val_rng, val_stream, parallel.rank(), parallel.world(), cfg.seed)
         except Exception as e:  # it loaded, but is not a checkpoint of this trainer
             raise UsageError(f"{out}/checkpoint/trainer_state.pt is damaged ({checkpoint.first_line(e)})") from None
-        if os.path.isfile(os.path.join(out, "metrics.jsonl")):
+        if os.path.isfile(os.path.join(out, "metrics.jsonl")) and parallel.is_main():
             checkpoint.keep_metrics_before(os.path.join(out, "metrics.jsonl"), state["step"])
-    checkpoint.atomic_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))  # (after a resume is known to work)
+    if parallel.is_main():
+        checkpoint.atomic_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))  # (after a resume is known to work)
     if state["before"] is None:
         state["before"] = test_all()
     print(f"{cfg.method}: {len(train_rows)} train / {len(val_rows)} val / {len(splits['test'])} test prompts; "
@@ -308,35 +301,42 @@ def main(cfg: Config):
     earlier = state.get("wall_seconds", 0.0)  # the run's time before a resume
 
     def save():
-        state.update(controller=controller.state_dict(), rng=checkpoint.streams(data_rng, val_rng, val_stream),
-                     wall_seconds=earlier + time.time() - t_start)
-        checkpoint.save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
+        streams = checkpoint.streams(data_rng, val_rng, val_stream)
+        state.update(controller=controller.state_dict(), rng=streams, wall_seconds=earlier + time.time() - t_start,
+                     rng_ranks=parallel.gather_objects(streams) if parallel.world() > 1 else None)
+        if parallel.is_main():
+            checkpoint.save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
 
-    pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc=cfg.method, dynamic_ncols=True)
-    with open(os.path.join(out, "metrics.jsonl"), "a") as log, checkpoint.stop_on_ctrl_c() as stop:
+    pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc=cfg.method, dynamic_ncols=True,
+                disable=not parallel.is_main())
+    log = open(os.path.join(out, "metrics.jsonl"), "a") if parallel.is_main() else None
+    with log or contextlib.nullcontext(), checkpoint.stop_on_ctrl_c() as stop:
         for step in pbar:
-            lap = Laps(device)
+            lap = checkpoint.Laps(device)
             now = amft.phase(method, step, cfg.warmup)
-            rows = next_rows(train_rows, state, data_rng, cfg.batch_size, tok, chat)
-            demos = policy.sft_batch(tok, [r["prompt"] for r in rows], [r["demo"] for r in rows], end, device) if now.demos else None
+            rows = next_rows(train_rows, state, data_rng, cfg.batch_size, tok, chat)  # the global batch, the same on every process
+            mine = parallel.share(rows)                                             # ... and this process's share of it
+            demos = policy.sft_batch(tok, [r["prompt"] for r in mine], [r["demo"] for r in mine], end, device) if now.demos else None
             m = dict(step=step, phase=now.name, **controller.metrics(), **dict.fromkeys(METRICS),
                      prompts_crc32=zlib.crc32("\n".join(r["prompt"] for r in rows).encode()))
             g_sft, g_rl, H = {}, {}, None
             # ------------------------------------------------------------ sample -> reward -> advantages -> RL gradient
             if now.rl:
-                roll, r = rollouts(model, tok, rows, cfg, eos)                                   # r: (B, G)
+                roll, r = rollouts(model, tok, mine, cfg, eos)
+                r = parallel.gather(r)                                                           # r: (B, G), every process's
                 m["seconds_rollout"] = lap()
                 A, A_demo, m["frac_zero_std"] = amft.advantages(r, demo_rewards(rows, method, cfg.verifier))  # (B*G,), (B,)
+                A, A_demo = parallel.share(A.view(len(rows), -1)).flatten(), A_demo if A_demo is None else parallel.share(A_demo)
                 ref_model = reference(model, ref_model, cfg.beta)
                 rl = rl_backward(model, ref_model, roll, A=A.to(device), cfg=cfg, shaped=method.shaped, demos=demos, A_demo=A_demo)
-                g_rl, H = take_grads(params), rl.pop("entropy")
+                g_rl, H = parallel.sum_grads_(take_grads(params)), rl.pop("entropy")
                 m.update(rl_loss=rl.pop("loss"), entropy=H, reward_mean=r.mean().item(), reward_std=r.std().item(),
-                         completion_len=roll.mask.sum(1).mean().item(), **rl)
+                         completion_len=parallel.total(roll.mask.sum().item()) / r.numel(), **rl)
                 m["seconds_rl"] = lap()
             # ------------------------------------------------------------ SFT gradient on the demonstrations
             if now.sft:
                 m["sft_loss"] = sft_backward(model, demos, cfg.micro_batch)
-                g_sft = take_grads(params)
+                g_sft = parallel.sum_grads_(take_grads(params))
                 m["seconds_sft"] = lap()
             finite = all(math.isfinite(m[k]) for k in ("sft_loss", "rl_loss") if m[k] is not None)
             # ------------------------------------------------------------ mu: entropy term, meta-gradient every K steps
@@ -357,6 +357,8 @@ def main(cfg: Config):
             if not m["skipped"]:
                 opt.step()
             opt.zero_grad(set_to_none=True)
+            if parallel.world() > 1 and not parallel.in_sync([controller.mu, controller.H_target or 0.0, parallel.fingerprint(params.values())]):
+                raise TrainingError(f"the processes' weights or mu differ after step {step}; please report this")
             count_bad_steps(state, m["skipped"], cfg.max_bad_steps)
             # ------------------------------------------------------------ log, evaluate, checkpoint
             n_samples = cfg.batch_size * (now.demos + cfg.group_size * now.rl)  # demonstrations + rollouts
@@ -365,17 +367,21 @@ def main(cfg: Config):
             m.update(seconds_step=round(seconds, 4), samples_per_s=n_samples / seconds, samples_seen=state["samples_seen"])
             if state["step"] % cfg.eval_every == 0 or (state["step"] == cfg.steps and not cfg.skip_test):  # not in samples_per_s
                 m["val_accuracy"] = evaluate(model, tok, val_rows, cfg, eos)["accuracy"]
-            log.write(checkpoint.to_json(m) + "\n")
-            log.flush()
+            if log:
+                log.write(checkpoint.to_json(m) + "\n")
+                log.flush()
             pbar.set_postfix({k: f"{m[k]:.3f}" for k in ("mu", "reward_mean", "entropy", "sft_loss") if m[k] is not None})
-            if stop or (cfg.save_every and state["step"] % cfg.save_every == 0):
+            stopping = parallel.any_rank(bool(stop))  # one process's Ctrl-C stops them all at the same step
+            if stopping or (cfg.save_every and state["step"] % cfg.save_every == 0):
                 save()
-            if stop:
+            if stopping:
                 raise KeyboardInterrupt(f"stopped at step {state['step']}; checkpoint saved: python train.py --resume {out}")
 
-    peak = checkpoint.peak_memory(device)  # training's peak, before the final evaluation and save
+    peak = max(parallel.gather_objects(checkpoint.peak_memory(device)))  # training's peak (the largest process's)
     save()
     after = test_all(cfg.pass_k)
+    if not parallel.is_main():
+        return None
     final = model.merge_and_unload() if cfg.lora_r else model
     with policy.no_progress_bars():
         final.save_pretrained(os.path.join(out, "model"))
@@ -395,10 +401,15 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun one process speaks for all: rank 0
+        sys.stdout = open(os.devnull, "w")
     try:
         main(parse_args(description=__doc__))
     except (UsageError, TrainingError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if parallel.rank() == 0 else f"error (rank {parallel.rank()}): {e}")
     except KeyboardInterrupt as e:
-        print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted", file=sys.stderr)
+        if parallel.rank() == 0:
+            print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        parallel.close()
