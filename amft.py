@@ -339,6 +339,12 @@ def moved_to_lookahead(params: dict, g_rl: dict, g_sft: dict, mu: float, alpha: 
         move(+1)
 
 
+def local(t):
+    """This process's slice of a tensor that FSDP splits across processes (a DTensor), else t.
+    Dots of slices are partial sums: the trainer adds them up over processes."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def directional_derivatives(U, params: dict, g_rl: dict, g_sft: dict, chunks):
     """(<grad U, g_SFT>, <grad U, g_RL>) at the parameters' current values, with no
     parameter-sized gradient buffer: a hook dots each tensor's gradient with g_SFT and g_RL the
@@ -350,10 +356,10 @@ def directional_derivatives(U, params: dict, g_rl: dict, g_sft: dict, chunks):
         t.grad = None
         if t.requires_grad and (k in g_rl or k in g_sft):
             def hook(t, k=k):
-                g = t.grad.reshape(-1)
+                g = local(t.grad).reshape(-1)
                 for i, other in enumerate((g_sft, g_rl)):
                     if k in other:
-                        dots[i] += torch.dot(g, other[k].reshape(-1).to(g)).double().cpu()
+                        dots[i] += torch.dot(g, local(other[k]).reshape(-1).to(g)).double().cpu()
                 t.grad = None
             hooks.append(t.register_post_accumulate_grad_hook(hook))
     try:

@@ -18,6 +18,7 @@ import time
 import torch
 
 import model as policy
+import parallel
 
 
 def strict(obj):
@@ -42,16 +43,19 @@ def atomic_json(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def save_checkpoint(path, model, tok, opt, state: dict, ref_model=None):
+def save_checkpoint(path, model, tok, opt, state: dict, ref_model=None, full=(None, None)):
     """Model + tokenizer (save_pretrained), optimizer, the loop's state (with the controller and
     every random stream). Only tensors, numbers, strings, lists, tuples and dicts, so it loads with
-    torch.load(weights_only=True). Written to path.tmp and swapped in: never half a checkpoint."""
+    torch.load(weights_only=True). Written to path.tmp and swapped in: never half a checkpoint.
+    full: under FSDP, the gathered (model, optimizer) state dicts (parallel.full_state)."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
+    model_state, optimizer_state = full
     with policy.no_progress_bars():
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=model_state)
     tok.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "state": state,
+    torch.save({"optimizer": optimizer_state if optimizer_state is not None else opt.state_dict(),
+                "optimizer_by_name": optimizer_state is not None, "state": state,
                 "ref": ref_model.state_dict() if ref_model is not None else None}, os.path.join(tmp, "trainer_state.pt"))
     if os.path.isdir(path):
         os.replace(path, old)
@@ -66,7 +70,10 @@ def load_checkpoint(path, model, opt):
     file = os.path.join(path, "trainer_state.pt")
     try:
         saved = torch.load(file, weights_only=True)
-        opt.load_state_dict(saved["optimizer"])
+        if saved.get("optimizer_by_name"):  # written under FSDP: loads into any number of processes
+            parallel.load_full_optimizer_state(model, opt, saved["optimizer"])
+        else:
+            opt.load_state_dict(saved["optimizer"])
         ref_model = None
         if saved["ref"] is not None:
             ref_model = policy.frozen_copy(model)

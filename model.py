@@ -280,8 +280,9 @@ def _generate(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy):
     plain = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, do_sample=not greedy,
                              **({} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}))
     saved, model.generation_config = model.generation_config, GenerationConfig()
-    try:
-        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=plain)
+    try:  # synced_gpus under FSDP (parallel.shard): every forward is a collective, so no rank stops early
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=plain,
+                             synced_gpus=getattr(model, "synced_generation", False))
     finally:
         model.generation_config = saved
     return out[:, ids.shape[1]:]                                      # (B*G, C)

@@ -125,8 +125,13 @@ def gather_objects(obj) -> list:
 
 def sum_grads_(grads: dict, bucket_bytes: int = 64 * 2**20):
     """Sum each gradient over ranks, in place, in flat buckets of about bucket_bytes (one
-    all-reduce per bucket rather than one per tensor)."""
+    all-reduce per bucket rather than one per tensor). Under FSDP the backward has already
+    reduced them (each rank holds its slice of the sum)."""
     if world() == 1 or not grads:
+        return grads
+    if sharded():  # FSDP's backward has averaged them over ranks: N times the mean is the sum
+        for g in grads.values():
+            g.mul_(world())
         return grads
     tensors = list(grads.values())
     bucket, size = [], 0
@@ -146,6 +151,59 @@ def sum_grads_(grads: dict, bucket_bytes: int = 64 * 2**20):
                     offset += t.numel()
             bucket, size = [], 0
     return grads
+
+
+# ---------------------------------------------------------------------------- FSDP (--fsdp)
+_sharded = []
+
+
+def sharded() -> bool:
+    """Are the weights split across ranks (FSDP), rather than replicated?"""
+    return bool(_sharded)
+
+
+def shard(model):
+    """FSDP through PyTorch's fully_shard: each decoder layer, and the rest of the model, keeps
+    1/N of its weights, gradients and AdamW state on each rank; a layer's weights are gathered
+    for its forward and backward and freed after. Its backward averages the gradients over ranks;
+    sum_grads_ and reduced_by_fsdp turn the average into the sum our loss shares need. Generation runs with synced_gpus, so a rank
+    whose rows have all ended keeps stepping while another's have not (every forward is a
+    collective)."""
+    from torch.distributed.fsdp import fully_shard
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.synced_generation = True
+    _sharded.append(True)
+    return model
+
+
+def reduced_by_fsdp(x: float) -> float:
+    """A sum over ranks of partial dot products with FSDP-averaged gradients, made the sum (x N)."""
+    return x * world() if sharded() else x
+
+
+def full_state(model, opt=None):
+    """Under FSDP, the whole model's state dict (and the optimizer's, keyed by parameter name),
+    gathered to the CPU; every rank must call it. Otherwise (None, None): they save themselves."""
+    if not sharded():
+        return None, None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if getattr(model.config, "tie_word_embeddings", False) and isinstance(tied, dict):
+        for name in tied:  # a tied copy (lm_head = the embedding) is not written, as save_pretrained does
+            weights.pop(name, None)
+    return weights, (get_optimizer_state_dict(model, opt, options=options) if opt else None)
+
+
+def load_full_optimizer_state(model, opt, state: dict):
+    """The inverse for the optimizer: a state keyed by parameter name, into this model's
+    optimizer, sharded or not (so a run saved by N processes resumes in any number)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
 def broadcast_(tensors):

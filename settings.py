@@ -43,7 +43,7 @@ def resolve(cfg, cuda: bool) -> str:
         if key != "gp_new_tokens" and getattr(cfg, key) is None:
             setattr(cfg, key, on_cuda.get(value, value) if isinstance(value, str) else value)
     if cfg.sampler == "auto":
-        cfg.sampler = "compiled" if cuda else "generate"  # compiling pays on a GPU; on a CPU it costs more than it saves
+        cfg.sampler = "compiled" if cuda and not cfg.fsdp else "generate"  # compiling pays on a GPU; on a CPU it costs more than it saves
     cfg.recipe = name
     return name
 
@@ -76,6 +76,8 @@ class Config:
     grad_ckpt: bool = arg(None, "gradient checkpointing: less memory, ~30% more compute")
     amp: bool = arg(None, "mixed precision: compute in bfloat16 (torch.autocast), keep float32 weights and AdamW state")
     lora_r: int = arg(0, "LoRA rank through peft (pip install peft); 0 = full fine-tuning")
+    fsdp: bool = arg(False, "under torchrun: shard weights, gradients and AdamW state across the processes (PyTorch's "
+                     "fully_shard), for models whose training state does not fit one GPU; without it each process holds a replica")
     # GRPO
     eps_low: float = arg(0.2, "PPO clip, lower side")
     eps_high: float = arg(0.28, "PPO clip, upper side (DAPO's clip-higher)")
@@ -139,6 +141,13 @@ def check(cfg: Config):
          "--meta-every, --eval-every, --val-prompts, --eval-batch, --max-bad-steps must be >= 1"),
         (0 < cfg.temperature < math.inf and 0 < cfg.lr < math.inf, "--temperature and --lr must be finite and > 0"),
         (1 <= cfg.cards <= 5, "--cards must be between 1 and 5"),
+        (cfg.eval_only or cfg.batch_size % int(os.environ.get("WORLD_SIZE", "1")) == 0,
+         f"--batch-size {cfg.batch_size} must be a multiple of the {os.environ.get('WORLD_SIZE')} processes (each takes a share)"),
+        (not cfg.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1,
+         "--fsdp shards across processes: start it with torchrun --nproc_per_node N train.py ... (N >= 2)"),
+        (not cfg.fsdp or (cfg.meta_grad != "fd" and not cfg.lora_r and cfg.beta == 0 and cfg.sampler == "generate"),
+         "--fsdp works with --meta-grad first-order or autograd, full fine-tuning, --beta 0 and --sampler generate "
+         "(fd's step size, LoRA, the KL reference copy and the other samplers need whole weights on each process)"),
     ]
     for ok, message in rules:
         if not ok:
@@ -175,6 +184,7 @@ def parse_args(argv=None, description=None) -> Config:
         try:
             with open(path) as f:
                 saved = json.load(f)
+            saved.pop("fsdp", None)  # how the run is launched (like the number of processes): this command line's
             cfg = Config(**{**saved, **vars(parser(False).parse_args(argv))})
         except (ValueError, TypeError) as e:
             sys.exit(f"error: --resume {cfg.resume}: config.json is damaged ({e})")

@@ -79,16 +79,18 @@ def evaluate(model, tok, rows, cfg, eos, k=0) -> dict:
     model.eval()
     hits, hits_k = 0.0, 0.0
     mine = parallel.strided(rows)  # with several processes each scores its rows, and the hits add up
-    for i in range(0, len(mine), cfg.eval_batch):
+    for i in range(0, -(-len(rows) // parallel.world()), cfg.eval_batch):  # as many calls on every process (FSDP needs it)
         chunk = mine[i:i + cfg.eval_batch]
+        n = len(chunk)  # a process with fewer rows scores a stand-in row and counts none of it
+        chunk = chunk or rows[:1]
         prompts = [r["prompt"] for r in chunk]
         greedy = policy.sample(model, tok, prompts, G=1, max_new_tokens=cfg.max_new_tokens, greedy=True,
                                eos=eos, sampler=cfg.sampler)
-        hits += score(greedy.texts, chunk, 1, cfg.verifier).sum().item()
+        hits += score(greedy.texts, chunk, 1, cfg.verifier)[:n].sum().item()
         if k:
             drawn = policy.sample(model, tok, prompts, G=k, temperature=cfg.temperature,
                                   max_new_tokens=cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
-            hits_k += (score(drawn.texts, chunk, k, cfg.verifier).max(1).values == 1).sum().item()
+            hits_k += (score(drawn.texts, chunk, k, cfg.verifier)[:n].max(1).values == 1).sum().item()
     model.train()
     hits, hits_k = parallel.total(hits), parallel.total(hits_k)
     n = max(len(rows), 1)
@@ -159,7 +161,8 @@ def meta_gradient(model, tok, rows, *, params, g_rl, g_sft, mu, alpha, cfg, eos)
         return amft.policy_gradient_surrogate(logp, A[sl].to(logp), mask[sl], n=N)
     estimator = amft.META_GRADS[cfg.meta_grad]
     dU = estimator(U, params=params, g_rl=g_rl, g_sft=g_sft, mu=mu, alpha=alpha, chunks=slices(len(ids), cfg.micro_batch))
-    return parallel.total(dU), parallel.total(r.sum().item()) / N  # U's shares add up, and so do their derivatives
+    dU = parallel.reduced_by_fsdp(parallel.total(dU))  # U's shares add up, and so do their derivatives
+    return dU, parallel.total(r.sum().item()) / N
 
 
 def next_rows(train_rows, state, rng, B, tok, chat):
@@ -227,9 +230,11 @@ def main(cfg: Config):
     if parallel.world() > 1:
         parallel.broadcast_(model.parameters())  # rank 0's weights everywhere (they are equal already), as DDP starts
         torch.manual_seed(cfg.seed + 7919 * parallel.rank())  # each process samples completions of its own
+        if cfg.fsdp:
+            parallel.shard(model)
     sizes = f"{len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test rows"
-    if cfg.batch_size % parallel.world():
-        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {parallel.world()} processes")
+    if cfg.fsdp and min(cfg.val_prompts, len(splits["val"]) or 1) % parallel.world():  # FSDP: the same forwards on every process
+        raise UsageError(f"--val-prompts must be a multiple of the {parallel.world()} processes under --fsdp")
     if not splits["test"] or (not cfg.eval_only and len(splits["train"]) < cfg.batch_size):
         raise UsageError(f"--task {cfg.task}: {sizes}, too few for --batch-size {cfg.batch_size} and a test split; "
                          "use more rows or a smaller --batch-size")
@@ -304,8 +309,9 @@ def main(cfg: Config):
         streams = checkpoint.streams(data_rng, val_rng, val_stream)
         state.update(controller=controller.state_dict(), rng=streams, wall_seconds=earlier + time.time() - t_start,
                      rng_ranks=parallel.gather_objects(streams) if parallel.world() > 1 else None)
+        full = parallel.full_state(model, opt)  # under FSDP: gathered from every process
         if parallel.is_main():
-            checkpoint.save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model)
+            checkpoint.save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model, full)
 
     pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc=cfg.method, dynamic_ncols=True,
                 disable=not parallel.is_main())
@@ -357,7 +363,8 @@ def main(cfg: Config):
             if not m["skipped"]:
                 opt.step()
             opt.zero_grad(set_to_none=True)
-            if parallel.world() > 1 and not parallel.in_sync([controller.mu, controller.H_target or 0.0, parallel.fingerprint(params.values())]):
+            weights = [] if parallel.sharded() else [parallel.fingerprint(params.values())]  # FSDP: each holds its own slice
+            if parallel.world() > 1 and not parallel.in_sync([controller.mu, controller.H_target or 0.0, *weights]):
                 raise TrainingError(f"the processes' weights or mu differ after step {step}; please report this")
             count_bad_steps(state, m["skipped"], cfg.max_bad_steps)
             # ------------------------------------------------------------ log, evaluate, checkpoint
@@ -380,11 +387,12 @@ def main(cfg: Config):
     peak = max(parallel.gather_objects(checkpoint.peak_memory(device)))  # training's peak (the largest process's)
     save()
     after = test_all(cfg.pass_k)
+    weights, _ = parallel.full_state(model)
     if not parallel.is_main():
         return None
     final = model.merge_and_unload() if cfg.lora_r else model
     with policy.no_progress_bars():
-        final.save_pretrained(os.path.join(out, "model"))
+        final.save_pretrained(os.path.join(out, "model"), state_dict=weights)
     tok.save_pretrained(os.path.join(out, "model"))
     summary = dict(method=cfg.method, model=cfg.model, task=cfg.task, steps=cfg.steps, **after,
                    **{f"{k}_before": v for k, v in state["before"].items()},
