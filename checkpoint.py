@@ -178,15 +178,19 @@ def stop_on_ctrl_c():
     """Ctrl-C asks the loop to stop between steps (so the checkpoint is consistent); a second
     Ctrl-C interrupts at once. The previous handler is back when the block ends."""
     stop = []
+    # under torchrun a Ctrl-C reaches the launcher too, which then sends SIGTERM to every process and
+    # waits 30 s before killing them: SIGTERM also asks for a stop at the end of the step
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if parallel.launched() else [])
 
-    def handler(*_):
+    def handler(signum, _):
         stop.append(True)
-        signal.signal(signal.SIGINT, previous)
-    previous = signal.signal(signal.SIGINT, handler)
+        signal.signal(signum, previous[signum])
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s in signals:
+            signal.signal(s, previous[s])
 
 
 def release_freed_memory():

@@ -18,7 +18,8 @@ How the work is shared (train.py calls these):
   are the same numbers on every rank, and so is mu. `in_sync` checks it every step;
 - the meta-gradient: each rank evaluates its share of the validation prompts; U's shares add
   up, so dU/dmu is their sum;
-- only rank 0 writes (metrics, checkpoints, summary, model, plots) and prints.
+- only rank 0 writes (metrics, checkpoints, summary, model, plots) and prints;
+- --fsdp shards the weights, gradients and optimizer state instead of replicating them (`shard`).
 """
 import os
 

@@ -47,18 +47,12 @@ def test_loop_reads_switches_not_method_names():
 
 def test_meta_gradient_in_the_loop_is_nonzero_and_autograd_equals_fd_float64(tmp_path, warm_path):
     # a model that solves some hands: validation rewards differ within groups, so dU/dmu != 0
-    common = ["--model", warm_path, "--recipe", "tiny", "--method", "amft-no-entropy", "--dtype", "float64", "--warmup", "0", "--steps", "1",
-              "--meta-every", "1", "--batch-size", "4", "--group-size", "4", "--val-prompts", "16", "--skip-test"]
+    common = dict(model=warm_path, method="amft-no-entropy", dtype="float64", warmup=0, steps=1, meta_every=1, batch_size=4,
+                  group_size=4, val_prompts=16)
     first = {}
-    for name in ("autograd", "fd"):
-        out = tmp_path / name
-        res = run_cli(*common, "--meta-grad", name, "--out", str(out))
-        assert res.returncode == 0, res.stderr[-2000:]
-        first[name] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    # the same step with the meta-gradient's validation pass in micro-batches of 5 sequences
-    _, lines, _ = run(tmp_path, "micro", model=warm_path, method="amft-no-entropy", dtype="float64", warmup=0, steps=1,
-                      meta_every=1, batch_size=4, group_size=4, val_prompts=16, meta_grad="autograd", micro_batch=5)
-    first["autograd-micro"] = lines[0]
+    for name, extra in [("autograd", {}), ("fd", {}), ("autograd-micro", dict(micro_batch=5))]:  # micro: U in chunks of 5
+        _, lines, _ = run(tmp_path, name, **common, meta_grad=name.split("-")[0], **extra)
+        first[name] = lines[0]
     exact = first["autograd"]["meta_grad"]
     assert 0 < first["autograd"]["val_reward"] < 1 and exact != 0 and first["autograd"]["mu"] != 0.8
     assert abs(first["fd"]["meta_grad"] - exact) <= 1e-6 * abs(exact)

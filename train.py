@@ -8,6 +8,7 @@ Train a causal LM with AMFT (or a baseline) and evaluate it. One linear loop, no
     python train.py --resume runs/amft-...   # continue a stopped run exactly
     python train.py --eval-only --model runs/amft-.../model --pass-k 8
     python train.py --help                   # every flag, generated from settings.Config
+    torchrun --nproc_per_node 4 train.py --model Qwen2.5-1.5B   # 4 processes share each step (parallel.py)
 
 Each step, in the loop's order (after an SFT-only warm-up of --warmup steps):
     sample G completions per prompt -> reward -> group advantages -> g_RL = grad L_RL
