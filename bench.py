@@ -130,7 +130,6 @@ def bench_train(model, device, N, T, micro, ckpt):
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, device, repeat=2)
     policy.set_checkpointing(model, False)
-    del opt
     n_params = sum(p.numel() for p in model.parameters())
     return N * T / seconds, 6 * n_params * N * T / seconds / 1e12, peak_gib(device)
 
