@@ -148,8 +148,8 @@ def test_bad_input_one_line_error_and_no_output(tmp_path, args, message):
 def test_task_file_without_fields_is_rejected_by_cli(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "2+2"}) + "\n")
-    res = run_cli("--task", str(bad), "--steps", "2", "--out", str(tmp_path / "run"))
-    assert res.returncode != 0 and "no usable rows" in res.stderr and "question" in res.stderr
+    with pytest.raises(train.UsageError, match="no usable rows.*question"):  # one line on the command line, as above
+        train.main(train.parse_args(["--task", str(bad), "--steps", "2", "--out", str(tmp_path / "run")]))
     assert not (tmp_path / "run").exists()
 
 
