@@ -9,7 +9,8 @@ same training hands the same number of times), then a Markdown table and plots.
 
 Writes to --out (default runs/compare-<time>): one train.py run folder per method and seed
 (a finished run is kept and reused, so an interrupted comparison picks up where it stopped),
-results.md (ID/OOD accuracy mean +- std over seeds, samples, wall time) and, when
+results.md (ID/OOD accuracy mean +- std over seeds, each method's difference from amft paired
+by seed with a 95% bootstrap interval, samples, wall time) and, when
 matplotlib is installed, comparison.png: mu over steps for amft and its ablations, entropy
 against its target, and validation accuracy against samples seen for every method.
 """
@@ -33,16 +34,43 @@ def mean_std(xs):
     return f"{xs[0]:.3f}" if len(xs) == 1 else f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
-def table(results, settings: str) -> str:
-    """Markdown: one row per method, mean +- std over seeds."""
+def paired_difference(base, other, reps=10_000, seed=0):
+    """other - base paired by seed: (mean difference, 95% bootstrap interval or None). The
+    interval resamples the seeds' differences with replacement (percentile bootstrap); with the
+    same seed both methods see the same training hands in the same order, so the pairing
+    removes the spread that comes from the hands."""
+    import numpy as np
+    d = np.array([y - x for x, y in zip(base, other) if x is not None and y is not None], dtype=float)
+    if len(d) == 0:
+        return None, None
+    if len(d) < 2:
+        return float(d.mean()), None
+    means = d[np.random.default_rng(seed).integers(0, len(d), (reps, len(d)))].mean(1)
+    return float(d.mean()), (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+
+
+def difference(base, other) -> str:
+    mean, ci = paired_difference(base, other)
+    if mean is None:
+        return "n/a"
+    return f"{mean:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
+def table(results, settings: str, reference="amft") -> str:
+    """Markdown: one row per method, mean +- std over seeds, and the difference from the reference
+    method paired by seed with its 95% bootstrap interval."""
+    ref = results.get(reference)
+    score = lambda runs, key: [r["summary"][key] for r in runs]
     lines = [f"Settings: {settings}", "",
-             "| method | ID accuracy | OOD accuracy | final w_SFT | samples per run (demos + rollouts) | wall s per run |",
-             "|---|---|---|---|---|---|"]
+             f"| method | ID accuracy | OOD accuracy | ID − {reference} [95% CI] | OOD − {reference} [95% CI] | final w_SFT "
+             "| samples per run (demos + rollouts) | wall s per run |",
+             "|---|---|---|---|---|---|---|---|"]
     for method, runs in results.items():
         s = [r["summary"] for r in runs]
         w_sft = [r["metrics"][-1]["w_sft"] for r in runs]
+        paired = [difference(score(ref, k), score(runs, k)) if ref and method != reference else "" for k in ("id_accuracy", "ood_accuracy")]
         lines.append(f"| {method} | {mean_std([x['id_accuracy'] for x in s])} | {mean_std([x['ood_accuracy'] for x in s])} "
-                     f"| {statistics.mean(w_sft):.2f} | {runs[0]['metrics'][-1]['samples_seen']:,} "
+                     f"| {paired[0]} | {paired[1]} | {statistics.mean(w_sft):.2f} | {runs[0]['metrics'][-1]['samples_seen']:,} "
                      f"| {statistics.mean(x['wall_seconds'] for x in s):.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("AMFT_CACHE", tempfile.mkdtemp(prefix="amft-test-cache-"))  # the tiny base, for these tests only
 
 import pytest
 import torch
@@ -18,12 +20,25 @@ import model as policy
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quick_tiny_base():
+    """The cache holds a tiny base after 30 steps (the real one takes 600, about 1.5 minutes), so
+    runs of the default model start at once; the tests of the base build their own."""
+    import pretrain
+    path = os.path.join(pretrain.cache_dir(), f"tiny-base-{pretrain.VERSION}")
+    if not os.path.isfile(os.path.join(path, "base.json")):
+        pretrain.pretrain(path, steps=30, batch=16)
+    return path
+
+
 def run(tmp_path, name="run", **kw):
     """train.main in this process (the loop the command line runs, without an interpreter's
-    start-up), with the tiny recipe; returns its summary, metrics lines and output folder."""
+    start-up), with the tiny recipe and the random tiny model unless told; returns its summary,
+    metrics lines and output folder."""
     import train
     out = tmp_path / name
-    summary = train.main(train.Config(out=str(out), **{**dict(recipe="tiny", eval_every=1000, save_every=0, skip_test=True), **kw}))
+    summary = train.main(train.Config(out=str(out), **{**dict(model="tiny", recipe="tiny", eval_every=1000, save_every=0,
+                                                               skip_test=True), **kw}))
     return summary, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
 
 
@@ -71,5 +86,5 @@ def warm_path(tmp_path_factory):
     rewards differ within groups and the meta-gradient is not zero."""
     import train
     out = tmp_path_factory.mktemp("warm") / "run"
-    train.main(train.Config(method="sft", steps=200, eval_every=1000, save_every=0, skip_test=True, out=str(out)))
+    train.main(train.Config(model="tiny", method="sft", steps=200, eval_every=1000, save_every=0, skip_test=True, out=str(out)))
     return str(out / "model")

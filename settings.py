@@ -20,7 +20,7 @@ def arg(default, help):
 
 
 # Settings left unset (None) come from the model's recipe: the tiny model trains from random
-# weights and needs a large lr, a long warm-up and a compact prompt; a pretrained model (any hub
+# weights (or from the tiny base) and needs a large lr, a long warm-up and a compact prompt; a pretrained model (any hub
 # id, alias or folder) gets the paper's settings (lr 1e-6, warm-up 50, K = 20) and the task in
 # plain words. Every flag given explicitly wins; config.json keeps the resolved values.
 RECIPES = {
@@ -35,7 +35,7 @@ RECIPES = {
 def resolve(cfg, cuda: bool) -> str:
     """Fill every setting left unset from the recipe (--recipe, or by --model: 'tiny' gets the
     tiny recipe, anything else the pretrained one). Returns the recipe's name."""
-    name = cfg.recipe if cfg.recipe != "auto" else ("tiny" if cfg.model == "tiny" else "pretrained")
+    name = cfg.recipe if cfg.recipe != "auto" else ("tiny" if cfg.model in ("tiny", "tiny-base") else "pretrained")
     if name not in RECIPES:
         raise UsageError(f"--recipe must be auto, {' or '.join(RECIPES)}")
     on_cuda = {"on CUDA": cuda}
@@ -51,7 +51,9 @@ def resolve(cfg, cuda: bool) -> str:
 @dataclass
 class Config:
     # what to train
-    model: str = arg("tiny", "'tiny' (a small Qwen2 built from a config), 'random-0.5b' (Qwen2.5-0.5B's shape, random), a hub id, an alias like Qwen2.5-0.5B, or a folder")
+    model: str = arg("tiny-base", "'tiny-base' (a small Qwen2 pretrained on a synthetic corpus of arithmetic and card rules, "
+                     "built once and cached: pretrain.py), 'tiny' (the same model with random weights), 'random-0.5b' "
+                     "(Qwen2.5-0.5B's shape, random), a hub id, an alias like Qwen2.5-0.5B, or a folder")
     method: str = arg("amft", f"one of {', '.join(amft.METHODS)}")
     task: str = arg("general-points", "general-points | gsm8k | math500 | openr1 | a .jsonl/.json/.parquet file (see data.py)")
     recipe: str = arg("auto", "defaults for every setting left unset: tiny | pretrained | auto ('tiny' for --model tiny, else 'pretrained')")

@@ -235,7 +235,12 @@ def test_compare_quick_writes_table_and_figure(tmp_path):
                             "--batch-size", "2", "--group-size", "2", "--eval-every", "1", "--out", str(tmp_path)])
     assert set(results) == {"sft", "amft"} and all(len(r) == 2 for r in results.values())
     table = (tmp_path / "results.md").read_text()
-    assert "| sft |" in table and "| amft |" in table and "±" in table
+    assert "| sft |" in table and "| amft |" in table and "±" in table and "| ID − amft [95% CI] |" in table
+    import re
+    sft_row = next(line for line in table.splitlines() if line.startswith("| sft |"))
+    assert re.search(r"\| [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] \|", sft_row)  # paired by seed, with its interval
+    ids = {m: [r["summary"]["id_accuracy"] for r in results[m]] for m in ("sft", "amft")}
+    assert f"{sum(ids['sft']) / 2 - sum(ids['amft']) / 2:+.3f} [" in sft_row  # the mean paired difference
     assert "`python compare.py --quick --methods sft,amft --seeds 2 --steps 3" in table and "(4 runs trained, 0 reused)" in table
     try:
         import matplotlib  # noqa: F401  (optional: without it the table is still written)

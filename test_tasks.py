@@ -336,3 +336,41 @@ def test_verifier_choice_with_and_without_math_verify(monkeypatch):
         resolve_verifier("math-verify")
     with pytest.raises(ValueError, match="must be builtin"):
         resolve_verifier("sympy")
+
+
+# ---------------------------------------------------------------------------- the tiny base's corpus
+def test_the_base_corpus_teaches_arithmetic_and_card_rules_but_never_the_task():
+    import re
+    import pretrain
+    rng = random.Random(0)
+    lines = [pretrain.corpus_line(rng) for _ in range(20_000)]
+    # never a General Points prompt ("cards; rule; N=") or a demonstration (a bare formula), under either rule
+    prompt_start = re.compile(r"^(?:[AJQK]|\d+)(?: (?:[AJQK]|\d+))*; J,Q,K=(?:10|11,12,13); \d+=")
+    assert not any(prompt_start.match(line) for line in lines)
+    assert all("=" in line or " is " in line for line in lines)
+    tasks = {n: data.general_points(n, target, seed=0) for n, target in ((1, 10), (2, 10), (3, 10))}  # the small ones, whole
+    examples = {r["prompt"] + r["demo"] for splits in tasks.values() for rows in splits.values() for r in rows}
+    assert len(examples) > 500 and not examples & set(lines)
+    # what it does teach: exact arithmetic with the values 1 to 13 (both ways round) and both face-card rules
+    sums = [line.split("=") for line in lines if re.fullmatch(r"[\d+\-*/()]+=[\d+\-*/()]+", line)]
+    value = lambda s: Fraction(int(s)) if re.fullmatch(r"-?\d+", s) else parse_formula(s)[0]  # (values may be negative)
+    assert len(sums) > 10_000 and all(value(a) == value(b) for a, b in sums)
+    assert {"11", "12", "13"} <= {x for a, b in sums for x in re.findall(r"\d+", a + b)}
+    for rule, faces in (("J,Q,K=10", "10 10 10"), ("J,Q,K=11,12,13", "11 12 13")):
+        assert any(line.startswith(f"J Q K; {rule}; is {faces}") or f"; {rule}; K is {faces[-2:]}" in line for line in lines)
+
+
+def test_the_tiny_base_is_built_once_cached_and_loaded_by_name(tmp_path, monkeypatch):
+    import pretrain
+    import train
+    monkeypatch.setenv("AMFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "STEPS", 40)  # the real build takes 600 steps (README: its time)
+    monkeypatch.setattr(pretrain, "BATCH", 16)
+    path = pretrain.base_path()
+    built = json.loads(open(f"{path}/base.json").read())
+    assert built["steps"] == 40 and built["final_loss"] < 3.5  # from log(99) = 4.6 at random weights
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("built twice"))
+    assert pretrain.base_path() == path and not (tmp_path / "cache" / f"tiny-base-{pretrain.VERSION}.tmp").exists()
+    summary = train.main(train.parse_args(["--steps", "1", "--warmup", "1", "--batch-size", "2", "--skip-test",
+                                           "--out", str(tmp_path / "run")]))  # the default model is the base
+    assert summary["model"] == "tiny-base" and json.loads((tmp_path / "run" / "config.json").read_text())["recipe"] == "tiny"

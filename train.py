@@ -40,6 +40,7 @@ import data
 import model as policy
 import parallel
 import plots
+import pretrain
 import rewards
 from settings import RECIPES, Config, UsageError, check, parse_args, resolve  # noqa: F401 (train.Config etc.)
 
@@ -222,6 +223,8 @@ def main(cfg: Config):
     val_stream = {"seed": cfg.seed + 1_000_003 + 7919 * parallel.rank()}  # ... and their rollouts (torch_stream)
     try:
         name = os.path.join(cfg.resume, "checkpoint") if cfg.resume else cfg.model
+        if name == "tiny-base":  # built on first use, then loaded from the cache like any folder
+            name = pretrain.base_path()
         model, tok = policy.load_policy(name, dtype=getattr(torch, cfg.dtype), device=device, lora_r=cfg.lora_r,
                                         grad_ckpt=cfg.grad_ckpt, seed=cfg.seed, amp=cfg.amp)
         splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt)
