@@ -263,9 +263,10 @@ class MuController:
     which terms are on. The loop asks `meta_due(k)` (is dU/dmu wanted at main-phase step k?) and
     calls `update` once per main-phase step. All state is plain numbers (`state_dict`)."""
 
-    def __init__(self, method: Method, mu0, mu_min, mu_max, eta_meta, eta_H, meta_every, H_target=None):
+    def __init__(self, method: Method, mu0, mu_min, mu_max, eta_meta, eta_H, meta_every, H_target=None, H_target_ema=0.0):
         self.entropy_term, self.meta_term, self.mixes, self.every = method.entropy_term, method.meta_term, method.mixes, meta_every
         self.eta_meta, self.eta_H, self.mu_min, self.mu_max = eta_meta, eta_H, mu_min, mu_max
+        self.H_target_ema = H_target_ema  # 0: the spec's target, measured once; > 0: it follows H (an alternative)
         self.mu, self.H_target, self.meta_v, self.meta_n, self.rejected = float(mu0), H_target, 0.0, 0, 0
 
     def metrics(self) -> dict:
@@ -290,7 +291,8 @@ class MuController:
         if not losses_finite or not all(math.isfinite(x) for x in new):
             self.rejected += 1
             return {"mu": self.mu, "H_target": self.H_target, "meta_grad": dU_dmu, "mu_rejected": self.rejected}
-        self.mu, self.H_target, self.meta_v, self.meta_n = mu, H_target, v, n
+        self.mu, self.meta_v, self.meta_n = mu, v, n
+        self.H_target = H_target + self.H_target_ema * (H - H_target)  # (unchanged when H_target_ema = 0)
         return {"mu": mu, "H_target": H_target, "meta_grad": dU_dmu,
                 "meta_grad_scaled": g_meta if dU_dmu is not None else None, "mu_rejected": self.rejected}
 

@@ -15,6 +15,7 @@ matplotlib is installed, comparison.png: mu over steps for amft and its ablation
 against its target, and validation accuracy against samples seen for every method.
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -75,9 +76,29 @@ def table(results, settings: str, reference="amft") -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_entry(entry: str):
+    """'amft', or a method with settings of its own, a row of its own: 'amft@H_target_ema=0.02'
+    or 'amft@H_target=0.2,eta_H=0.02' (any train.Config field). Returns (method, settings)."""
+    method, _, extra = entry.partition("@")
+    fields = {f.name: f for f in dataclasses.fields(train.Config)}
+    settings = {}
+    for item in filter(None, extra.split(",")):
+        key, _, value = item.partition("=")
+        kind = {t: t for t in (int, float, str)} | {t.__name__: t for t in (int, float, str)}
+        kind = kind.get(getattr(fields.get(key), "type", None))
+        if kind is None or not value:
+            raise SystemExit(f"error: {entry!r}: {item!r} is not NAME=VALUE for a number or text setting of train.py")
+        try:
+            settings[key] = kind(value)
+        except ValueError:
+            raise SystemExit(f"error: {entry!r}: {value!r} is not a {kind.__name__}") from None
+    return method, settings
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(amft.METHODS), help="comma-separated (default: all)")
+    p.add_argument("--methods", default=",".join(amft.METHODS), help="comma-separated (default: all); a method may carry "
+                   "settings of its own, a row of its own: 'amft@H_target_ema=0.02' (several: separate with ';' and quote)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick: 2)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default 300; --quick: 120)")
     p.add_argument("--warmup", type=int, default=None, help="SFT warm-up steps (default 100; --quick: 40)")
@@ -91,8 +112,8 @@ def main(argv=None):
     steps = a.steps or (120 if a.quick else 300)
     warmup = a.warmup if a.warmup is not None else (40 if a.quick else 100)
     eval_every = a.eval_every or max(1, steps // 10)
-    methods = a.methods.split(",")
-    unknown = [m for m in methods if m not in amft.METHODS]
+    methods = a.methods.split(";") if ";" in a.methods else a.methods.split(",")
+    unknown = [m for m in methods if parse_entry(m)[0] not in amft.METHODS]
     if unknown or seeds < 1 or steps < 1:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(amft.METHODS)}" if unknown
                          else "error: --seeds and --steps must be >= 1")
@@ -100,15 +121,16 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     results, t0, trained, reused = {}, time.time(), 0, 0
     for method in methods:
+        name, extra = parse_entry(method)
         for seed in range(seeds):
-            run = os.path.join(out, f"{method}-seed{seed}")
+            run = os.path.join(out, f"{method.replace('@', '_').replace('=', '').replace(',', '_')}-seed{seed}")
             reused += os.path.isfile(os.path.join(run, "summary.json"))
             if not os.path.isfile(os.path.join(run, "summary.json")):  # a finished run is reused
                 trained += 1
                 if os.path.isdir(run):
                     os.rename(run, f"{run}.incomplete-{time.strftime('%H%M%S')}")
-                train.main(train.Config(method=method, seed=seed, steps=steps, warmup=warmup, batch_size=a.batch_size,
-                                        group_size=a.group_size, eval_every=eval_every, save_every=0, out=run))
+                train.main(train.Config(method=name, seed=seed, steps=steps, warmup=warmup, batch_size=a.batch_size,
+                                        group_size=a.group_size, eval_every=eval_every, save_every=0, out=run, **extra))
             with open(os.path.join(run, "summary.json")) as f:
                 results.setdefault(method, []).append({"summary": json.load(f), "metrics": plots.load_metrics(run)})
     command = " ".join(["python compare.py", *(sys.argv[1:] if argv is None else argv)])

@@ -95,6 +95,8 @@ class Config:
     meta_alpha: float = arg(0.0, "look-ahead step alpha; 0 = use --lr")
     val_prompts: int = arg(8, "validation prompts (x G samples) per meta-gradient")
     H_target: float = arg(None, "target entropy in nats (default: measured on the first step after warm-up)")
+    H_target_ema: float = arg(0.0, "an alternative to the spec's fixed target: after each step H* moves this fraction of the "
+                              "way to the step's entropy (0 = the spec: measured once, then fixed)")
     # run
     eval_every: int = arg(50, "steps between greedy accuracy checks on the validation split")
     eval_batch: int = arg(None, "prompts per generate call when evaluating")
@@ -136,6 +138,7 @@ def check(cfg: Config):
         (all(math.isfinite(x) and x >= 0 for x in (cfg.eta_meta, cfg.eta_H, cfg.meta_alpha)),
          "--eta-meta, --eta-H and --meta-alpha must be finite and >= 0 (the signs are fixed by the algorithm)"),
         (cfg.H_target is None or (math.isfinite(cfg.H_target) and cfg.H_target >= 0), "--H-target must be finite and >= 0"),
+        (0 <= cfg.H_target_ema <= 1, "--H-target-ema must be in [0, 1]"),
         (cfg.group_size >= 2, "--group-size (G) must be at least 2: advantages compare samples of one prompt"),
         (cfg.steps >= 1 and cfg.batch_size >= 1 and cfg.max_new_tokens >= 0, "--steps and --batch-size must be >= 1"),
         (min(cfg.warmup, cfg.micro_batch, cfg.pass_k, cfg.save_every, cfg.lora_r) >= 0, "counts must be >= 0"),

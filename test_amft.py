@@ -320,6 +320,22 @@ def test_entropy_term_sign_and_bounds():
     assert amft.update_mu(0.1, 0.0, -0.6, 0.0, 10.0, 0.05, 0.95) == 0.05
 
 
+def test_the_entropy_target_can_follow_the_entropy_instead():
+    # the alternative to the spec's once-measured H*: an EMA of the entropy (--H-target-ema); each step's
+    # entropy signal uses the target from before the step, then the target moves part of the way to H
+    c = _controller(meta_term=False, H_target_ema=0.25)
+    c.update(H=1.0)
+    assert c.H_target == 1.0 and c.mu == 0.5
+    c.update(H=0.2)
+    assert c.mu == pytest.approx(0.5 + 0.1 * 0.8) and c.H_target == pytest.approx(1.0 - 0.25 * 0.8)
+    c.update(H=0.2)  # a lasting drop pushes less and less: the target comes down to meet it
+    assert c.mu == pytest.approx(0.58 + 0.1 * 0.6) and c.H_target == pytest.approx(0.8 - 0.25 * 0.6)
+    spec = _controller(meta_term=False)
+    for H in (1.0, 0.2, 0.2):
+        spec.update(H=H)
+    assert spec.H_target == 1.0  # the spec's: measured once
+
+
 def test_normalized_meta_grad_is_in_units_of_mu():
     v, n, out = 0.0, 0, []
     for g in (1e-9, -2e-9, 1.5e-9):

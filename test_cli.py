@@ -255,6 +255,15 @@ def test_compare_quick_writes_table_and_figure(tmp_path):
     assert "| sft |" in one_seed and "±" not in one_seed and "(0 runs trained, 1 reused)" in one_seed
 
 
+def test_compare_takes_a_method_with_settings_of_its_own():
+    import compare
+    assert compare.parse_entry("amft") == ("amft", {})
+    assert compare.parse_entry("amft@H_target_ema=0.02,eta_H=0.03") == ("amft", {"H_target_ema": 0.02, "eta_H": 0.03})
+    for bad in ("amft@nope=1", "amft@H_target_ema=", "amft@meta_every=x"):
+        with pytest.raises(SystemExit, match="error:"):
+            compare.parse_entry(bad)
+
+
 def test_bench_quick_prints_every_row():
     import bench
     result = bench.main(["--quick"])
@@ -311,16 +320,15 @@ def test_a_pretrained_model_resolves_to_the_pretrained_recipe(instruct_path):
     assert train.resolve(cfg, cuda=True) == "tiny" and (cfg.lr, cfg.dtype, cfg.prompt, cfg.steps) == (1e-3, "float32", "compact", 700)
 
 
-def test_a_pretrained_like_checkpoint_trains_evaluates_and_resumes(tmp_path, instruct_path):
+def test_a_pretrained_like_checkpoint_trains_evaluates_and_resumes(tmp_path, instruct_path, capsys):
     import data
     hands = tmp_path / "hands.jsonl"  # 4-card hands (a file: the full 4-card split takes ~20 s to solve)
     hands.write_text("\n".join(json.dumps({"cards": list(h)}) for h in data.all_hands(4)[::40]) + "\n")
     out = tmp_path / "run"
     budget = ["--task", str(hands), "--steps", "3", "--warmup", "1", "--batch-size", "2", "--group-size", "2",
               "--max-new-tokens", "8", "--val-prompts", "2", "--meta-every", "1"]
-    res = run_cli("--model", instruct_path, *budget, "--out", str(out))
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "recipe: pretrained" in res.stdout
+    train.main(train.parse_args(["--model", instruct_path, *budget, "--out", str(out)]))  # in this process
+    assert "recipe: pretrained" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert (config["recipe"], config["lr"], config["prompt"], config["micro_batch"], config["target"]) == ("pretrained", 1e-6, "plain", 16, 24)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

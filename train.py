@@ -223,10 +223,12 @@ def main(cfg: Config):
     val_stream = {"seed": cfg.seed + 1_000_003 + 7919 * parallel.rank()}  # ... and their rollouts (torch_stream)
     try:
         name = os.path.join(cfg.resume, "checkpoint") if cfg.resume else cfg.model
+        ours = cfg.model == "tiny-base" or cfg.resume  # a model we wrote: no "Loading weights" bar
         if name == "tiny-base":  # built on first use, then loaded from the cache like any folder
             name = pretrain.base_path()
-        model, tok = policy.load_policy(name, dtype=getattr(torch, cfg.dtype), device=device, lora_r=cfg.lora_r,
-                                        grad_ckpt=cfg.grad_ckpt, seed=cfg.seed, amp=cfg.amp)
+        with policy.no_progress_bars() if ours else contextlib.nullcontext():
+            model, tok = policy.load_policy(name, dtype=getattr(torch, cfg.dtype), device=device, lora_r=cfg.lora_r,
+                                            grad_ckpt=cfg.grad_ckpt, seed=cfg.seed, amp=cfg.amp)
         splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -282,7 +284,7 @@ def main(cfg: Config):
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # fused: no temporaries
     controller = amft.MuController(method, mu0=cfg.mu0, mu_min=cfg.mu_min, mu_max=cfg.mu_max, eta_meta=cfg.eta_meta,
                                    eta_H=cfg.eta_H, meta_every=cfg.meta_every,
-                                   H_target=cfg.H_target)
+                                   H_target=cfg.H_target, H_target_ema=cfg.H_target_ema)
     alpha = cfg.meta_alpha or cfg.lr
     train_rows, val_rows = splits["train"], splits["val"]
     ref_model = None
