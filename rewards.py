@@ -29,6 +29,7 @@ import logging
 import re
 import signal
 import threading
+import warnings
 from collections import Counter
 from fractions import Fraction
 
@@ -74,7 +75,9 @@ def parse_formula(formula: str):
     if not formula or len(formula) > MAX_FORMULA_CHARS:
         return None
     try:
-        tree = ast.parse(formula, mode="eval")  # parse only: nothing is executed
+        with warnings.catch_warnings():  # model output like "1e" draws a SyntaxWarning from the parser: not ours to print
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(formula, mode="eval")  # parse only: nothing is executed
         numbers = []
         value = _evaluate(tree.body, numbers)
     except Exception:  # SyntaxError, ZeroDivisionError, ValueError, RecursionError, ...
