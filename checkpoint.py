@@ -72,6 +72,9 @@ def load_checkpoint(path, model, opt):
         saved = torch.load(file, weights_only=True)
         if saved.get("optimizer_by_name"):  # written under FSDP: loads into any number of processes
             parallel.load_full_optimizer_state(model, opt, saved["optimizer"])
+        elif parallel.sharded():  # whole weights then, sharded now
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            parallel.load_full_optimizer_state(model, opt, parallel.by_name(saved["optimizer"], names))
         else:
             opt.load_state_dict(saved["optimizer"])
         ref_model = None

@@ -207,6 +207,14 @@ def load_full_optimizer_state(model, opt, state: dict):
     set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
+def by_name(state: dict, names: list) -> dict:
+    """A plain optimizer state dict (keyed by position, as opt.state_dict() writes it) keyed by
+    parameter name instead, for load_full_optimizer_state: a checkpoint written with whole weights
+    resumed under --fsdp. `names` are the trained parameters in the optimizer's order."""
+    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]
+    return {"state": {names[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+
+
 def broadcast_(tensors):
     """Rank 0's values into every rank's tensors, in place."""
     if world() > 1:

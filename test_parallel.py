@@ -119,6 +119,14 @@ def test_resume_from_two_processes_in_one(amft_runs, mode):
     assert set(saved) == set(load_file(str(out / "model" / "model.safetensors")))  # the same tensors, whole
 
 
+def test_resume_from_one_process_in_two_sharded(amft_runs):
+    # the other way: a checkpoint with whole weights and a plain optimizer state, resumed under --fsdp
+    out, _ = amft_runs["one"]
+    res = torchrun("--resume", str(out), "--fsdp", "--steps", "4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [m["step"] for m in metrics(out)] == [0, 1, 2, 3] and res.stdout.count("after training") == 1
+
+
 def test_settings_the_processes_cannot_run_are_refused_at_the_door(tmp_path, monkeypatch):
     import settings
     alone = run_cli("--fsdp", "--steps", "1", "--out", str(tmp_path / "a"))  # no torchrun: nothing to shard across
