@@ -189,7 +189,7 @@ def trl_step(model_path, B, G, C, steps):
     step after the first, and the peak. Runs in this process (bench.py --trl-step)."""
     import datasets
     import trl
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     import data
     splits = data.load_task("general-points", cards=4, target=24, style="plain")
     rows = splits["train"][:B * steps]
@@ -211,7 +211,7 @@ def trl_step(model_path, B, G, C, steps):
         torch.cuda.reset_peak_memory_stats()
     times, t = [], time.perf_counter()
 
-    class Clock(__import__("transformers").TrainerCallback):
+    class Clock(TrainerCallback):
         def on_step_end(self, *_, **__):
             nonlocal t
             sync("cuda" if gpu else "cpu")

@@ -131,9 +131,9 @@ def restore_streams(state: dict, data_rng, val_rng, val_stream: dict, rank=0, wo
     if saved["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
     if not same and rank > 0:
-        torch.manual_seed(seed + 7919 * rank + state["step"])
+        torch.manual_seed(parallel.own_seed(seed + state["step"], rank))
         val_stream.clear()
-        val_stream.update(seed=seed + 1_000_003 + 7919 * rank + state["step"])
+        val_stream.update(seed=parallel.own_seed(seed + 1_000_003 + state["step"], rank))
 
 
 class Laps:

@@ -80,12 +80,12 @@ def parse_entry(entry: str):
     """'amft', or a method with settings of its own, a row of its own: 'amft@H_target_ema=0.02'
     or 'amft@H_target=0.2,eta_H=0.02' (any train.Config field). Returns (method, settings)."""
     method, _, extra = entry.partition("@")
-    fields = {f.name: f for f in dataclasses.fields(train.Config)}
+    types = {f.name: f.type for f in dataclasses.fields(train.Config)}  # a class, or its name as text
+    kinds = {int: int, float: float, str: str, "int": int, "float": float, "str": str}
     settings = {}
     for item in filter(None, extra.split(",")):
         key, _, value = item.partition("=")
-        kind = {t: t for t in (int, float, str)} | {t.__name__: t for t in (int, float, str)}
-        kind = kind.get(getattr(fields.get(key), "type", None))
+        kind = kinds.get(types.get(key))
         if kind is None or not value:
             raise SystemExit(f"error: {entry!r}: {item!r} is not NAME=VALUE for a number or text setting of train.py")
         try:

@@ -14,6 +14,7 @@ Log-probs (one function for policy, old and reference):
 """
 import contextlib
 import copy
+import functools
 import inspect
 import os
 import socket
@@ -292,18 +293,16 @@ def _forward(model, **inputs):
     return model(**inputs)
 
 
-_compiled = []
 _static_caches = weakref.WeakKeyDictionary()  # model -> ((batch, length), StaticCache): freed with the model
 _bf16_copies = weakref.WeakKeyDictionary()    # model -> its bfloat16 decoding copy (--amp, compiled sampler)
 
 
+@functools.cache
 def compiled_forward():
     """_forward through torch.compile, built once per process. The model is an argument, not
     captured, so nothing here keeps a model alive, and a new model of the same shape and dtype
     reuses the compiled code (its CUDA graph is recorded again for the new weights)."""
-    if not _compiled:
-        _compiled.append(torch.compile(_forward, mode="reduce-overhead", fullgraph=False))
-    return _compiled[0]
+    return torch.compile(_forward, mode="reduce-overhead", fullgraph=False)
 
 
 def static_cache(model, batch: int, length: int):

@@ -40,6 +40,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def own_seed(seed: int, of_rank=None) -> int:
+    """A seed of this rank's own (or of rank `of_rank`); rank 0 keeps `seed`, so a single process
+    draws what it always drew."""
+    return seed + 7919 * (rank() if of_rank is None else of_rank)
+
+
 def launched() -> bool:
     """Started by torchrun (or any launcher that sets WORLD_SIZE) with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -220,7 +220,7 @@ def main(cfg: Config):
     torch.manual_seed(cfg.seed)                     # training rollouts: torch's generator
     data_rng = random.Random(f"data-{cfg.seed}")    # training order and card orders
     val_rng = random.Random(f"val-{cfg.seed}")      # validation prompts of the meta-gradient
-    val_stream = {"seed": cfg.seed + 1_000_003 + 7919 * parallel.rank()}  # ... and their rollouts (torch_stream)
+    val_stream = {"seed": parallel.own_seed(cfg.seed + 1_000_003)}  # ... and their rollouts (torch_stream)
     try:
         name = os.path.join(cfg.resume, "checkpoint") if cfg.resume else cfg.model
         ours = cfg.model == "tiny-base" or cfg.resume  # a model we wrote: no "Loading weights" bar
@@ -235,7 +235,7 @@ def main(cfg: Config):
     parallel.join(device)  # under torchrun: the process group, from here on
     if parallel.world() > 1:
         parallel.broadcast_(model.parameters())  # rank 0's weights everywhere (they are equal already), as DDP starts
-        torch.manual_seed(cfg.seed + 7919 * parallel.rank())  # each process samples completions of its own
+        torch.manual_seed(parallel.own_seed(cfg.seed))  # each process samples completions of its own
         if cfg.fsdp:
             parallel.shard(model)
     sizes = f"{len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test rows"
