@@ -6,6 +6,7 @@ same training hands the same number of times), then a Markdown table and plots.
     python compare.py                 # 9 methods x 3 seeds, 300 steps each (about an hour on 2 CPU cores)
     python compare.py --quick         # 9 methods x 2 seeds, 120 steps (about 10 minutes: 2 of its runs took 66 s)
     python compare.py --methods amft,sft --seeds 5 --steps 500
+    python compare.py --jobs 2        # two runs at a time, one thread each (1.4x the runs per hour on 2 cores)
 
 Writes to --out (default runs/compare-<time>): one train.py run folder per method and seed
 (a finished run is kept and reused, so an interrupted comparison picks up where it stopped),
@@ -15,12 +16,18 @@ matplotlib is installed, comparison.png: mu over steps for amft and its ablation
 against its target, and validation accuracy against samples seen for every method.
 """
 import argparse
+import concurrent.futures
+import contextlib
 import dataclasses
+import multiprocessing
 import json
 import os
 import statistics
 import sys
 import time
+
+import torch
+from tqdm import tqdm
 
 import amft
 import plots
@@ -95,6 +102,15 @@ def parse_entry(entry: str):
     return method, settings
 
 
+def train_quietly(cfg, threads: int):
+    """One run in a worker process of --jobs: `threads` torch threads, its printout in <run>/train.log
+    (<run>.log beside the folder until the run has finished)."""
+    torch.set_num_threads(threads)
+    with open(f"{cfg.out}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        train.main(cfg)
+    os.replace(f"{cfg.out}.log", os.path.join(cfg.out, "train.log"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(amft.METHODS), help="comma-separated (default: all); a method may carry "
@@ -103,9 +119,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="steps per run (default 300; --quick: 120)")
     p.add_argument("--warmup", type=int, default=None, help="SFT warm-up steps (default 100; --quick: 40)")
     p.add_argument("--batch-size", type=int, default=16, help="B: prompts per step")
-    p.add_argument("--group-size", type=int, default=8, help="G: samples per prompt")
+    p.add_argument("--group-size", type=int, default=4, help="G: samples per prompt (the default run's)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation checks (default steps/10)")
     p.add_argument("--quick", action="store_true", help="fewer seeds and steps: about 10 minutes on a 2-core CPU")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with its share of "
+                   "torch's threads (a run's numbers then differ by rounding from a --jobs 1 run of the same seed)")
     p.add_argument("--out", default="", help="output folder (default runs/compare-<time>); reused if it exists")
     a = p.parse_args(argv)
     seeds = a.seeds or (2 if a.quick else 3)
@@ -114,25 +132,37 @@ def main(argv=None):
     eval_every = a.eval_every or max(1, steps // 10)
     methods = a.methods.split(";") if ";" in a.methods else a.methods.split(",")
     unknown = [m for m in methods if parse_entry(m)[0] not in amft.METHODS]
-    if unknown or seeds < 1 or steps < 1:
+    if unknown or seeds < 1 or steps < 1 or a.jobs < 1:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(amft.METHODS)}" if unknown
-                         else "error: --seeds and --steps must be >= 1")
+                         else "error: --seeds, --steps and --jobs must be >= 1")
     out = a.out or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
-    results, t0, trained, reused = {}, time.time(), 0, 0
-    for method in methods:
-        name, extra = parse_entry(method)
-        for seed in range(seeds):
-            run = os.path.join(out, f"{method.replace('@', '_').replace('=', '').replace(',', '_')}-seed{seed}")
-            reused += os.path.isfile(os.path.join(run, "summary.json"))
-            if not os.path.isfile(os.path.join(run, "summary.json")):  # a finished run is reused
-                trained += 1
-                if os.path.isdir(run):
-                    os.rename(run, f"{run}.incomplete-{time.strftime('%H%M%S')}")
-                train.main(train.Config(method=name, seed=seed, steps=steps, warmup=warmup, batch_size=a.batch_size,
-                                        group_size=a.group_size, eval_every=eval_every, save_every=0, out=run, **extra))
-            with open(os.path.join(run, "summary.json")) as f:
-                results.setdefault(method, []).append({"summary": json.load(f), "metrics": plots.load_metrics(run)})
+    runs = {(method, seed): os.path.join(out, f"{method.replace('@', '_').replace('=', '').replace(',', '_')}-seed{seed}")
+            for seed in range(seeds) for method in methods}  # seed by seed: a comparison cut short has whole seeds
+    todo = [key for key, run in runs.items() if not os.path.isfile(os.path.join(run, "summary.json"))]  # a finished run is reused
+    t0 = time.time()
+    for key in todo:
+        if os.path.isdir(runs[key]):
+            os.rename(runs[key], f"{runs[key]}.incomplete-{time.strftime('%H%M%S')}")
+    configs = {key: train.Config(method=parse_entry(key[0])[0], seed=key[1], steps=steps, warmup=warmup,
+                                 batch_size=a.batch_size, group_size=a.group_size, eval_every=eval_every, save_every=0,
+                                 out=runs[key], **parse_entry(key[0])[1]) for key in todo}
+    if a.jobs == 1:
+        for key in todo:
+            train.main(configs[key])
+    else:
+        threads = max(1, torch.get_num_threads() // a.jobs)
+        with concurrent.futures.ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(train_quietly, configs[key], threads): key for key in todo}
+            bar = tqdm(concurrent.futures.as_completed(futures), total=len(todo), desc=f"runs ({a.jobs} at a time)", dynamic_ncols=True)
+            for future in bar:
+                future.result()  # a failed run stops the comparison, with its error
+                bar.write(f"done: {futures[future][0]} seed {futures[future][1]}  (log: {runs[futures[future]]}/train.log)")
+    results = {}
+    for (method, seed), run in runs.items():
+        with open(os.path.join(run, "summary.json")) as f:
+            results.setdefault(method, []).append({"summary": json.load(f), "metrics": plots.load_metrics(run)})
+    trained, reused = len(todo), len(runs) - len(todo)
     command = " ".join(["python compare.py", *(sys.argv[1:] if argv is None else argv)])
     settings = (f"`{command}`: {len(methods)} methods x {seeds} seeds, {steps} steps "
                 f"({warmup} SFT warm-up for amft*, fixed-mix, sft-grpo), B={a.batch_size}, G={a.group_size}; "

@@ -61,35 +61,40 @@ def plot_run(run_dir):
 
 
 def plot_comparison(results, path):
+    """compare.py's figure: mu and entropy (with its target) over steps for each row whose method
+    moves mu (mean over seeds, mu's band from the lowest to the highest seed), and validation
+    accuracy against samples seen for every row. A row is a method or 'method@settings'."""
     plt = _pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    CONTROLLED = [m for m in amft.METHODS if amft.METHODS[m].entropy_term or amft.METHODS[m].meta_term]
-    for method in [m for m in CONTROLLED if m in results]:
-        for i, r in enumerate(results[method]):
-            m = r["metrics"]
-            axes[0].plot([x["step"] for x in m], [x["mu"] for x in m], color=f"C{CONTROLLED.index(method)}",
-                         alpha=0.8, label=method if i == 0 else None)
-            main = [x for x in m if x["entropy"] is not None]
-            axes[1].plot([x["step"] for x in main], [x["entropy"] for x in main], color=f"C{CONTROLLED.index(method)}",
-                         alpha=0.6, label=f"{method} H_t" if i == 0 else None)
-            if main and main[0]["H_target"] is not None:
-                axes[1].plot([x["step"] for x in main], [x["H_target"] for x in main], "--", color=f"C{CONTROLLED.index(method)}",
-                             alpha=0.6, label=f"{method} H*" if i == 0 else None)
-    axes[0].set(xlabel="step", ylabel="mu", ylim=(0, 1), title="mu (weight on SFT), each seed")
-    axes[1].set(xlabel="step", ylabel="nats", title="rollout entropy against its target")
-    for j, (method, runs) in enumerate(results.items()):
+    controlled = [row for row in results if amft.METHODS[row.partition("@")[0]].entropy_term or amft.METHODS[row.partition("@")[0]].meta_term]
+    for color, row in enumerate(controlled):
+        runs = [r["metrics"] for r in results[row]]
+        n = min(len(m) for m in runs)
+        steps = [x["step"] for x in runs[0][:n]]
+        mean = lambda key, k: statistics.mean(m[k][key] for m in runs)
+        mixed = [k for k in range(n) if all(m[k]["mu"] is not None and m[k]["entropy"] is not None for m in runs)]  # not warm-up
+        mus = [[m[k]["mu"] for m in runs] for k in mixed]
+        axes[0].plot([steps[k] for k in mixed], [statistics.mean(v) for v in mus], color=f"C{color}", label=row)
+        axes[0].fill_between([steps[k] for k in mixed], [min(v) for v in mus], [max(v) for v in mus], color=f"C{color}", alpha=0.15)
+        axes[1].plot([steps[k] for k in mixed], [mean("entropy", k) for k in mixed], color=f"C{color}", label=f"{row} H_t")
+        if mixed and amft.METHODS[row.partition("@")[0]].entropy_term:
+            axes[1].plot([steps[k] for k in mixed], [mean("H_target", k) for k in mixed], "--", color=f"C{color}", label=f"{row} H*")
+    axes[0].set(xlabel="step", ylabel="mu", ylim=(0, 1), title="mu (weight on SFT): mean and range over seeds")
+    axes[1].set(xlabel="step", ylabel="nats", title="rollout entropy and its target, mean over seeds")
+    for j, (row, runs) in enumerate(results.items()):
         curves = [[(x["samples_seen"], x["val_accuracy"]) for x in r["metrics"] if "val_accuracy" in x] for r in runs]
         n = min(len(c) for c in curves)
         if n:
             xs = [curves[0][k][0] for k in range(n)]
             axes[2].plot(xs, [statistics.mean(c[k][1] for c in curves) for k in range(n)], "o-", ms=3,
-                         color=f"C{j % 10}", label=method)
+                         color=f"C{j % 10}", label=row)
     axes[2].set(xlabel="training samples seen (demos + rollouts)", ylabel="greedy accuracy", xscale="log",
                 ylim=(0, 1), title="validation accuracy, mean over seeds")
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

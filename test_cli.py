@@ -231,9 +231,12 @@ def test_lora_run_trains_adapters_only_and_saves_a_merged_model(tmp_path, tiny_p
 
 def test_compare_quick_writes_table_and_figure(tmp_path):
     import compare
-    results = compare.main(["--quick", "--methods", "sft,amft", "--seeds", "2", "--steps", "3", "--warmup", "1",
+    results = compare.main(["--quick", "--methods", "sft,amft", "--seeds", "2", "--steps", "3", "--warmup", "1", "--jobs", "2",
                             "--batch-size", "2", "--group-size", "2", "--eval-every", "1", "--out", str(tmp_path)])
     assert set(results) == {"sft", "amft"} and all(len(r) == 2 for r in results.values())
+    # --jobs 2: each run trained in a process of its own, its printout kept in its folder
+    assert all("after training" in (tmp_path / f"{m}-seed{s}" / "train.log").read_text() for m in ("sft", "amft") for s in (0, 1))
+    assert not list(tmp_path.glob("*.log"))
     table = (tmp_path / "results.md").read_text()
     assert "| sft |" in table and "| amft |" in table and "±" in table and "| ID − amft [95% CI] |" in table
     import re
@@ -247,12 +250,13 @@ def test_compare_quick_writes_table_and_figure(tmp_path):
         assert (tmp_path / "comparison.png").stat().st_size > 10_000 and (tmp_path / "amft-seed1" / "curves.png").exists()
     except ImportError:
         assert not (tmp_path / "comparison.png").exists()
-    # a finished run is reused, not trained again
+    # a finished run is reused, not trained again; a missing seed is trained (here in this process)
     before = (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime
-    compare.main(["--methods", "sft", "--seeds", "1", "--steps", "3", "--out", str(tmp_path)])
+    more = compare.main(["--methods", "sft", "--seeds", "3", "--steps", "3", "--batch-size", "2", "--out", str(tmp_path)])
     assert (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime == before
-    one_seed = (tmp_path / "results.md").read_text()  # one seed: its value, no "± 0.000"
-    assert "| sft |" in one_seed and "±" not in one_seed and "(0 runs trained, 1 reused)" in one_seed
+    assert [r["summary"]["seed"] for r in more["sft"]] == [0, 1, 2] and (tmp_path / "sft-seed2" / "summary.json").exists()
+    assert "(1 runs trained, 2 reused)" in (tmp_path / "results.md").read_text()
+    assert compare.mean_std([0.25]) == "0.250" and compare.mean_std([0.25, 0.75]) == "0.500 ± 0.354"  # one seed: no "± 0.000"
 
 
 def test_compare_takes_a_method_with_settings_of_its_own():
