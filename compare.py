@@ -70,15 +70,16 @@ def table(results, settings: str, reference="amft") -> str:
     ref = results.get(reference)
     score = lambda runs, key: [r["summary"][key] for r in runs]
     lines = [f"Settings: {settings}", "",
-             f"| method | ID accuracy | OOD accuracy | ID − {reference} [95% CI] | OOD − {reference} [95% CI] | final w_SFT "
-             "| samples per run (demos + rollouts) | wall s per run |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| method | ID accuracy | OOD accuracy | ID − {reference} [95% CI] | OOD − {reference} [95% CI] "
+             "| OOD: hands without / with J,Q,K | final w_SFT | samples per run (demos + rollouts) | wall s per run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, runs in results.items():
         s = [r["summary"] for r in runs]
         w_sft = [r["metrics"][-1]["w_sft"] for r in runs]
         paired = [difference(score(ref, k), score(runs, k)) if ref and method != reference else "" for k in ("id_accuracy", "ood_accuracy")]
         lines.append(f"| {method} | {mean_std([x['id_accuracy'] for x in s])} | {mean_std([x['ood_accuracy'] for x in s])} "
-                     f"| {paired[0]} | {paired[1]} | {statistics.mean(w_sft):.2f} | {runs[0]['metrics'][-1]['samples_seen']:,} "
+                     f"| {paired[0]} | {paired[1]} | {mean_std([x.get('ood_accuracy_no_faces') for x in s])} / "
+                     f"{mean_std([x.get('ood_accuracy_faces') for x in s])} | {statistics.mean(w_sft):.2f} | {runs[0]['metrics'][-1]['samples_seen']:,} "
                      f"| {statistics.mean(x['wall_seconds'] for x in s):.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -38,7 +38,8 @@ def test_cli_smoke_run_writes_outputs(tmp_path):
     assert lines[2]["meta_grad"] is not None and lines[3]["meta_grad"] is None and lines[2]["kl"] == 0.0 < lines[3]["kl"]
     assert [m["step"] for m in lines if "val_accuracy" in m] == [2, 5]
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("method", "id_accuracy", "ood_accuracy", "steps", "wall_seconds", "final_mu", "mu_rejected"):
+    for key in ("method", "id_accuracy", "ood_accuracy", "ood_accuracy_faces", "ood_accuracy_no_faces", "steps", "wall_seconds",
+                "final_mu", "mu_rejected"):
         assert key in summary
     assert json.loads((out / "config.json").read_text())["meta_grad"] == "autograd"
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import amft
+import data
 import model as policy
 import train
 
@@ -200,3 +201,20 @@ def test_mixed_precision_computes_in_bfloat16_and_keeps_weights_that_a_small_lr_
         for p in ref.parameters():
             p.mul_(0.5)
         assert not torch.equal(ref(input_ids=demos.ids).logits, model(input_ids=demos.ids).logits)
+
+
+def test_ood_accuracy_is_its_two_parts_scored_apart(warm_path):
+    # the two parts, hands with a J, Q or K (whose values the OOD rule changes) and hands without,
+    # are scored apart and add up, weighted by their rows, to ood_accuracy; made non-trivial by
+    # scoring ID rows (which this model solves in part) as if they were the OOD split
+    model, tok = policy.load_policy(warm_path)
+    cfg = train.Config(model="tiny", recipe="tiny", max_new_tokens=16, verifier="builtin")
+    train.resolve(cfg, cuda=False)
+    test = data.general_points(3, 10, seed=0)["test"]
+    scores = train.held_out_accuracy(model, tok, {"test": test, "test_ood": test}, cfg, tok.eos_token_id)
+    faces = sum(bool(set(r["cards"]) & {"J", "Q", "K"}) for r in test)
+    assert 0 < faces < len(test) and 0 < scores["ood_accuracy_faces"] < 1 and 0 < scores["ood_accuracy_no_faces"] < 1
+    assert scores["ood_accuracy"] == pytest.approx((faces * scores["ood_accuracy_faces"]
+                                                    + (len(test) - faces) * scores["ood_accuracy_no_faces"]) / len(test))
+    assert scores["ood_accuracy"] == pytest.approx(scores["id_accuracy"], abs=2 / len(test))  # the same rows, batched otherwise
+    assert train.held_out_accuracy(model, tok, {"test": test}, cfg, tok.eos_token_id).keys() == {"id_accuracy", "ood_accuracy"}

@@ -99,6 +99,25 @@ def evaluate(model, tok, rows, cfg, eos, k=0) -> dict:
     return {"accuracy": hits / n, **({f"pass@{k}": hits_k / n} if k else {})}
 
 
+def held_out_accuracy(model, tok, splits, cfg, eos, k=0) -> dict:
+    """Greedy accuracy on the test split(s) (None when --skip-test), and pass@k on the ID test
+    when k > 0. The OOD rule changes the values of J, Q and K only: an OOD hand without them
+    differs from its ID twin in the rule's text alone, so the two kinds are also scored apart."""
+    result = {"id_accuracy": None, "ood_accuracy": None}
+    if cfg.skip_test:
+        return result
+    result.update(evaluate(model, tok, splits["test"], cfg, eos, k))
+    result["id_accuracy"] = result.pop("accuracy")
+    if "test_ood" in splits:
+        ood, faces = splits["test_ood"], set(data.FACE_VALUES["ood"])
+        parts = {"ood_accuracy_faces": [r for r in ood if faces & set(r["cards"])],
+                 "ood_accuracy_no_faces": [r for r in ood if not faces & set(r["cards"])]}
+        scores = {name: evaluate(model, tok, rows, cfg, eos)["accuracy"] if rows else None for name, rows in parts.items()}
+        result["ood_accuracy"] = sum((scores[name] or 0) * len(rows) for name, rows in parts.items()) / max(len(ood), 1)
+        result.update(scores)
+    return result
+
+
 def take_grads(params: dict) -> dict:
     """The gradients now in p.grad, handed over (not copied); p.grad is left empty. Called after
     each backward, so it is also where a CPU run hands the freed activations back to the OS."""
@@ -262,18 +281,8 @@ def main(cfg: Config):
     if parallel.is_main():
         os.makedirs(out, exist_ok=True)
 
-    def test_all(k=0):
-        """Greedy accuracy on the test split(s), and pass@k on the ID test when k > 0."""
-        result = {"id_accuracy": None, "ood_accuracy": None}
-        if not cfg.skip_test:
-            result.update(evaluate(model, tok, splits["test"], cfg, eos, k))
-            result["id_accuracy"] = result.pop("accuracy")
-            if "test_ood" in splits:
-                result["ood_accuracy"] = evaluate(model, tok, splits["test_ood"], cfg, eos)["accuracy"]
-        return result
-
     if cfg.eval_only:
-        summary = dict(method="eval-only", model=cfg.model, task=cfg.task, steps=0, **test_all(cfg.pass_k),
+        summary = dict(method="eval-only", model=cfg.model, task=cfg.task, steps=0, **held_out_accuracy(model, tok, splits, cfg, eos, cfg.pass_k),
                        **scored, wall_seconds=round(time.time() - t_start, 1), device=device)
         if parallel.is_main():
             checkpoint.atomic_json(summary, os.path.join(out, "summary.json"))
@@ -305,7 +314,7 @@ def main(cfg: Config):
     if parallel.is_main():
         checkpoint.atomic_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))  # (after a resume is known to work)
     if state["before"] is None:
-        state["before"] = test_all()
+        state["before"] = held_out_accuracy(model, tok, splits, cfg, eos)
     print(f"{cfg.method}: {len(train_rows)} train / {len(val_rows)} val / {len(splits['test'])} test prompts; "
           f"before training {state['before']}")
 
@@ -392,7 +401,7 @@ def main(cfg: Config):
 
     peak = max(parallel.gather_objects(checkpoint.peak_memory(device)))  # training's peak (the largest process's)
     save()
-    after = test_all(cfg.pass_k)
+    after = held_out_accuracy(model, tok, splits, cfg, eos, cfg.pass_k)
     weights, _ = parallel.full_state(model)
     if not parallel.is_main():
         return None
