@@ -15,6 +15,7 @@ by seed with a 95% bootstrap interval, samples, wall time) and, when
 matplotlib is installed, comparison.png: mu over steps for amft and its ablations, entropy
 against its target, and validation accuracy against samples seen for every method.
 """
+import _thread
 import argparse
 import concurrent.futures
 import contextlib
@@ -24,6 +25,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -71,15 +73,16 @@ def table(results, settings: str, reference="amft") -> str:
     score = lambda runs, key: [r["summary"][key] for r in runs]
     lines = [f"Settings: {settings}", "",
              f"| method | ID accuracy | OOD accuracy | ID − {reference} [95% CI] | OOD − {reference} [95% CI] "
-             "| OOD: hands without / with J,Q,K | final w_SFT | samples per run (demos + rollouts) | wall s per run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| hands without J,Q,K: ID / OOD | hands with J,Q,K: ID / OOD | final w_SFT | samples per run (demos + rollouts) | wall s per run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method, runs in results.items():
         s = [r["summary"] for r in runs]
+        acc = lambda key: mean_std([x.get(key) for x in s])
         w_sft = [r["metrics"][-1]["w_sft"] for r in runs]
         paired = [difference(score(ref, k), score(runs, k)) if ref and method != reference else "" for k in ("id_accuracy", "ood_accuracy")]
-        lines.append(f"| {method} | {mean_std([x['id_accuracy'] for x in s])} | {mean_std([x['ood_accuracy'] for x in s])} "
-                     f"| {paired[0]} | {paired[1]} | {mean_std([x.get('ood_accuracy_no_faces') for x in s])} / "
-                     f"{mean_std([x.get('ood_accuracy_faces') for x in s])} | {statistics.mean(w_sft):.2f} | {runs[0]['metrics'][-1]['samples_seen']:,} "
+        lines.append(f"| {method} | {acc('id_accuracy')} | {acc('ood_accuracy')} | {paired[0]} | {paired[1]} "
+                     f"| {acc('id_accuracy_no_faces')} / {acc('ood_accuracy_no_faces')} | {acc('id_accuracy_faces')} / {acc('ood_accuracy_faces')} "
+                     f"| {statistics.mean(w_sft):.2f} | {runs[0]['metrics'][-1]['samples_seen']:,} "
                      f"| {statistics.mean(x['wall_seconds'] for x in s):.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -103,12 +106,28 @@ def parse_entry(entry: str):
     return method, settings
 
 
+def stop_with_parent(parent: int):
+    """A worker whose compare.py has gone (killed, not Ctrl-C'd) stops its run as Ctrl-C would,
+    rather than train on unseen into a folder a new comparison may be writing."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    _thread.interrupt_main()
+
+
 def train_quietly(cfg, threads: int):
     """One run in a worker process of --jobs: `threads` torch threads, its printout in <run>/train.log
     (<run>.log beside the folder until the run has finished)."""
     torch.set_num_threads(threads)
+    parent = os.getppid()
+    threading.Thread(target=stop_with_parent, args=(parent,), daemon=True).start()
     with open(f"{cfg.out}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        train.main(cfg)
+        try:
+            train.main(cfg)
+        except KeyboardInterrupt as e:
+            print(f"\ninterrupted: {e}", flush=True)
+            if os.getppid() != parent:
+                os._exit(130)  # an orphan: nobody is left to take a result, and the pool's queue would hold it forever
+            raise
     os.replace(f"{cfg.out}.log", os.path.join(cfg.out, "train.log"))
 
 

@@ -203,18 +203,23 @@ def test_mixed_precision_computes_in_bfloat16_and_keeps_weights_that_a_small_lr_
         assert not torch.equal(ref(input_ids=demos.ids).logits, model(input_ids=demos.ids).logits)
 
 
-def test_ood_accuracy_is_its_two_parts_scored_apart(warm_path):
-    # the two parts, hands with a J, Q or K (whose values the OOD rule changes) and hands without,
-    # are scored apart and add up, weighted by their rows, to ood_accuracy; made non-trivial by
-    # scoring ID rows (which this model solves in part) as if they were the OOD split
+def test_held_out_accuracy_is_its_two_parts_scored_apart(warm_path):
+    # hands with a J, Q or K (whose values the OOD rule changes) and hands without are scored apart
+    # and add up, weighted by their rows, to each split's accuracy (pass@k too); made non-trivial
+    # by scoring ID rows, which this model solves in part, as the OOD split as well
     model, tok = policy.load_policy(warm_path)
     cfg = train.Config(model="tiny", recipe="tiny", max_new_tokens=16, verifier="builtin")
     train.resolve(cfg, cuda=False)
     test = data.general_points(3, 10, seed=0)["test"]
-    scores = train.held_out_accuracy(model, tok, {"test": test, "test_ood": test}, cfg, tok.eos_token_id)
+    scores = train.held_out_accuracy(model, tok, {"test": test, "test_ood": test}, cfg, tok.eos_token_id, k=2)
     faces = sum(bool(set(r["cards"]) & {"J", "Q", "K"}) for r in test)
-    assert 0 < faces < len(test) and 0 < scores["ood_accuracy_faces"] < 1 and 0 < scores["ood_accuracy_no_faces"] < 1
-    assert scores["ood_accuracy"] == pytest.approx((faces * scores["ood_accuracy_faces"]
-                                                    + (len(test) - faces) * scores["ood_accuracy_no_faces"]) / len(test))
-    assert scores["ood_accuracy"] == pytest.approx(scores["id_accuracy"], abs=2 / len(test))  # the same rows, batched otherwise
-    assert train.held_out_accuracy(model, tok, {"test": test}, cfg, tok.eos_token_id).keys() == {"id_accuracy", "ood_accuracy"}
+    assert 0 < faces < len(test) and 0 < scores["id_accuracy_faces"] < 1 and 0 < scores["id_accuracy_no_faces"] < 1
+    for split in ("id", "ood"):
+        assert scores[f"{split}_accuracy"] == pytest.approx((faces * scores[f"{split}_accuracy_faces"]
+                                                            + (len(test) - faces) * scores[f"{split}_accuracy_no_faces"]) / len(test))
+    assert scores["ood_accuracy_faces"] == scores["id_accuracy_faces"] and scores["ood_accuracy"] == scores["id_accuracy"]  # same rows
+    assert 0 < scores["pass@2"] < 1 and "ood_pass@2" not in scores  # sampled, at --temperature: on ID only
+    whole = train.evaluate(model, tok, test, cfg, tok.eos_token_id)["accuracy"]  # in one pass, batched otherwise
+    assert scores["id_accuracy"] == pytest.approx(whole, abs=2 / len(test))
+    gsm = [{"prompt": "1+1=", "demo": "7919", "answer": "7919"}]  # rows without cards: one part, no breakdown
+    assert train.held_out_accuracy(model, tok, {"test": gsm}, cfg, tok.eos_token_id) == {"id_accuracy": 0.0, "ood_accuracy": None}

@@ -101,20 +101,22 @@ def evaluate(model, tok, rows, cfg, eos, k=0) -> dict:
 
 def held_out_accuracy(model, tok, splits, cfg, eos, k=0) -> dict:
     """Greedy accuracy on the test split(s) (None when --skip-test), and pass@k on the ID test
-    when k > 0. The OOD rule changes the values of J, Q and K only: an OOD hand without them
-    differs from its ID twin in the rule's text alone, so the two kinds are also scored apart."""
+    when k > 0. General Points hands are also scored apart by whether they hold a J, Q or K: the
+    OOD rule changes those cards' values only, so an OOD hand without them differs from its ID
+    twin in the rule's text alone (id_/ood_accuracy_faces and _no_faces)."""
     result = {"id_accuracy": None, "ood_accuracy": None}
-    if cfg.skip_test:
-        return result
-    result.update(evaluate(model, tok, splits["test"], cfg, eos, k))
-    result["id_accuracy"] = result.pop("accuracy")
-    if "test_ood" in splits:
-        ood, faces = splits["test_ood"], set(data.FACE_VALUES["ood"])
-        parts = {"ood_accuracy_faces": [r for r in ood if faces & set(r["cards"])],
-                 "ood_accuracy_no_faces": [r for r in ood if not faces & set(r["cards"])]}
-        scores = {name: evaluate(model, tok, rows, cfg, eos)["accuracy"] if rows else None for name, rows in parts.items()}
-        result["ood_accuracy"] = sum((scores[name] or 0) * len(rows) for name, rows in parts.items()) / max(len(ood), 1)
-        result.update(scores)
+    for name, split in (("id", "test"), ("ood", "test_ood")):
+        rows = [] if cfg.skip_test else splits.get(split, [])
+        if not rows:
+            continue
+        kk = k if name == "id" else 0
+        faces = set(data.FACE_VALUES["ood"])
+        parts = ({"faces": [r for r in rows if faces & set(r["cards"])], "no_faces": [r for r in rows if not faces & set(r["cards"])]}
+                 if all("cards" in r for r in rows) else {"all": rows})
+        scores = {part: evaluate(model, tok, part_rows, cfg, eos, kk) for part, part_rows in parts.items() if part_rows}
+        for key in ("accuracy", *([f"pass@{kk}"] if kk else [])):  # the parts, weighted by their rows, give the whole
+            result[f"{name}_{key}" if key == "accuracy" else key] = sum(s[key] * len(parts[p]) for p, s in scores.items()) / len(rows)
+        result.update({f"{name}_accuracy_{p}": scores[p]["accuracy"] if p in scores else None for p in parts if p != "all"})
     return result
 
 
