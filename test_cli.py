@@ -260,6 +260,20 @@ def test_compare_quick_writes_table_and_figure(tmp_path):
     assert compare.mean_std([0.25]) == "0.250" and compare.mean_std([0.25, 0.75]) == "0.500 ± 0.354"  # one seed: no "± 0.000"
 
 
+def test_a_compare_worker_is_interrupted_once_its_parent_is_gone():
+    # the watchdog of --jobs: when compare.py is killed, each worker's run gets a Ctrl-C (so it
+    # stops at a step boundary with its checkpoint) instead of training on as an orphan
+    import threading
+    import compare
+    watchdog = threading.Thread(target=compare.stop_with_parent, args=(os.getppid(),), daemon=True)
+    watchdog.start()
+    time.sleep(1.5)
+    assert watchdog.is_alive()  # our parent is still there: nothing happens
+    with pytest.raises(KeyboardInterrupt):
+        threading.Thread(target=compare.stop_with_parent, args=(-1,), daemon=True).start()  # "-1": a parent already gone
+        time.sleep(5)
+
+
 def test_compare_takes_a_method_with_settings_of_its_own():
     import compare
     assert compare.parse_entry("amft") == ("amft", {})
