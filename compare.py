@@ -20,8 +20,8 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
-import multiprocessing
 import json
+import multiprocessing
 import os
 import statistics
 import sys

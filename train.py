@@ -105,17 +105,19 @@ def held_out_accuracy(model, tok, splits, cfg, eos, k=0) -> dict:
     OOD rule changes those cards' values only, so an OOD hand without them differs from its ID
     twin in the rule's text alone (id_/ood_accuracy_faces and _no_faces)."""
     result = {"id_accuracy": None, "ood_accuracy": None}
+    faces = set(data.FACE_VALUES["ood"])
     for name, split in (("id", "test"), ("ood", "test_ood")):
         rows = [] if cfg.skip_test else splits.get(split, [])
         if not rows:
             continue
-        kk = k if name == "id" else 0
-        faces = set(data.FACE_VALUES["ood"])
-        parts = ({"faces": [r for r in rows if faces & set(r["cards"])], "no_faces": [r for r in rows if not faces & set(r["cards"])]}
-                 if all("cards" in r for r in rows) else {"all": rows})
-        scores = {part: evaluate(model, tok, part_rows, cfg, eos, kk) for part, part_rows in parts.items() if part_rows}
-        for key in ("accuracy", *([f"pass@{kk}"] if kk else [])):  # the parts, weighted by their rows, give the whole
-            result[f"{name}_{key}" if key == "accuracy" else key] = sum(s[key] * len(parts[p]) for p, s in scores.items()) / len(rows)
+        pass_k = k if name == "id" else 0
+        if all("cards" in r for r in rows):
+            parts = {"faces": [r for r in rows if faces & set(r["cards"])], "no_faces": [r for r in rows if not faces & set(r["cards"])]}
+        else:
+            parts = {"all": rows}
+        scores = {part: evaluate(model, tok, part_rows, cfg, eos, pass_k) for part, part_rows in parts.items() if part_rows}
+        for key in ("accuracy", *([f"pass@{pass_k}"] if pass_k else [])):  # the parts, weighted by their rows, give the whole
+            result[f"{name}_accuracy" if key == "accuracy" else key] = sum(s[key] * len(parts[p]) for p, s in scores.items()) / len(rows)
         result.update({f"{name}_accuracy_{p}": scores[p]["accuracy"] if p in scores else None for p in parts if p != "all"})
     return result
 
