@@ -3,8 +3,8 @@ The evidence: every method of amft.py (METHODS) x several seeds on the built-in 
 task, at equal budgets (same model, same steps x prompts per step, so every method sees the
 same training hands the same number of times), then a Markdown table and plots.
 
-    python compare.py                 # 9 methods x 3 seeds, 300 steps each (about an hour on 2 CPU cores)
-    python compare.py --quick         # 9 methods x 2 seeds, 120 steps (about 10 minutes: 2 of its runs took 66 s)
+    python compare.py                 # 9 methods x 3 seeds, 300 steps each, from the tiny base
+    python compare.py --quick         # 9 methods x 2 seeds, 120 steps
     python compare.py --methods amft,sft --seeds 5 --steps 500
     python compare.py --jobs 2        # two runs at a time, one thread each (1.4x the runs per hour on 2 cores)
 
@@ -13,7 +13,9 @@ Writes to --out (default runs/compare-<time>): one train.py run folder per metho
 results.md (ID/OOD accuracy mean +- std over seeds, each method's difference from amft paired
 by seed with a 95% bootstrap interval, samples, wall time) and, when
 matplotlib is installed, comparison.png: mu over steps for amft and its ablations, entropy
-against its target, and validation accuracy against samples seen for every method.
+against its target, and validation accuracy against samples seen for every method. On a
+2-core CPU, one seed of the 9 methods takes about 10 minutes with --jobs 2 (the sum of their
+runs' times, measured, halved).
 """
 import _thread
 import argparse
@@ -141,7 +143,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="B: prompts per step")
     p.add_argument("--group-size", type=int, default=4, help="G: samples per prompt (the default run's)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation checks (default steps/10)")
-    p.add_argument("--quick", action="store_true", help="fewer seeds and steps: about 10 minutes on a 2-core CPU")
+    p.add_argument("--quick", action="store_true", help="fewer seeds and steps: 2 x 120")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with its share of "
                    "torch's threads (a run's numbers then differ by rounding from a --jobs 1 run of the same seed)")
     p.add_argument("--out", default="", help="output folder (default runs/compare-<time>); reused if it exists")

@@ -88,8 +88,8 @@ def plot_comparison(results, path):
         n = min(len(c) for c in curves)
         if n:
             xs = [curves[0][k][0] for k in range(n)]
-            axes[2].plot(xs, [statistics.mean(c[k][1] for c in curves) for k in range(n)], "o-", ms=3,
-                         color=f"C{j % 10}", label=row)
+            axes[2].plot(xs, [statistics.mean(c[k][1] for c in curves) for k in range(n)], "o-" if j < 10 else "s--", ms=3,
+                         color=f"C{j % 10}", label=row)  # past 10 rows the colours come round again, dashed
     axes[2].set(xlabel="training samples seen (demos + rollouts)", ylabel="greedy accuracy", xscale="log",
                 ylim=(0, 1), title="validation accuracy, mean over seeds")
     for ax in axes:
