@@ -153,7 +153,8 @@ def main(argv=None):
     warmup = a.warmup if a.warmup is not None else (40 if a.quick else 100)
     eval_every = a.eval_every or max(1, steps // 10)
     methods = a.methods.split(";") if ";" in a.methods else a.methods.split(",")
-    unknown = [m for m in methods if parse_entry(m)[0] not in amft.METHODS]
+    entries = {m: parse_entry(m) for m in methods}  # row -> (method, its own settings)
+    unknown = [m for m, (name, _) in entries.items() if name not in amft.METHODS]
     if unknown or seeds < 1 or steps < 1 or a.jobs < 1:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from {', '.join(amft.METHODS)}" if unknown
                          else "error: --seeds, --steps and --jobs must be >= 1")
@@ -166,9 +167,9 @@ def main(argv=None):
     for key in todo:
         if os.path.isdir(runs[key]):
             os.rename(runs[key], f"{runs[key]}.incomplete-{time.strftime('%H%M%S')}")
-    configs = {key: train.Config(method=parse_entry(key[0])[0], seed=key[1], steps=steps, warmup=warmup,
-                                 batch_size=a.batch_size, group_size=a.group_size, eval_every=eval_every, save_every=0,
-                                 out=runs[key], **parse_entry(key[0])[1]) for key in todo}
+    configs = {(m, seed): train.Config(method=entries[m][0], seed=seed, steps=steps, warmup=warmup, batch_size=a.batch_size,
+                                       group_size=a.group_size, eval_every=eval_every, save_every=0, out=runs[m, seed],
+                                       **entries[m][1]) for m, seed in todo}
     if a.jobs == 1:
         for key in todo:
             train.main(configs[key])

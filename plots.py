@@ -68,7 +68,8 @@ def plot_comparison(results, path):
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    controlled = [row for row in results if amft.METHODS[row.partition("@")[0]].entropy_term or amft.METHODS[row.partition("@")[0]].meta_term]
+    method = {row: amft.METHODS[row.partition("@")[0]] for row in results}  # a row: 'amft' or 'amft@H_target=0.2'
+    controlled = [row for row in results if method[row].entropy_term or method[row].meta_term]
     for color, row in enumerate(controlled):
         runs = [r["metrics"] for r in results[row]]
         n = min(len(m) for m in runs)
@@ -79,7 +80,7 @@ def plot_comparison(results, path):
         axes[0].plot([steps[k] for k in mixed], [statistics.mean(v) for v in mus], color=f"C{color}", label=row)
         axes[0].fill_between([steps[k] for k in mixed], [min(v) for v in mus], [max(v) for v in mus], color=f"C{color}", alpha=0.15)
         axes[1].plot([steps[k] for k in mixed], [mean("entropy", k) for k in mixed], color=f"C{color}", label=f"{row} H_t")
-        if mixed and amft.METHODS[row.partition("@")[0]].entropy_term:
+        if mixed and method[row].entropy_term:
             axes[1].plot([steps[k] for k in mixed], [mean("H_target", k) for k in mixed], "--", color=f"C{color}", label=f"{row} H*")
     axes[0].set(xlabel="step", ylabel="mu", ylim=(0, 1), title="mu (weight on SFT): mean and range over seeds")
     axes[1].set(xlabel="step", ylabel="nats", title="rollout entropy and its target, mean over seeds")
