@@ -268,6 +268,7 @@ class MuController:
         self.eta_meta, self.eta_H, self.mu_min, self.mu_max = eta_meta, eta_H, mu_min, mu_max
         self.H_target_ema = H_target_ema  # 0: the spec's target, measured once; > 0: it follows H (an alternative)
         self.mu, self.H_target, self.meta_v, self.meta_n, self.rejected = float(mu0), H_target, 0.0, 0, 0
+        self.silent = 0  # meta-gradients due but silent: every validation group's rewards were equal
 
     def metrics(self) -> dict:
         return {"mu": self.mu if self.mixes else None, "H_target": self.H_target, "meta_grad": None}
@@ -277,10 +278,16 @@ class MuController:
         update would be refused anyway."""
         return self.meta_term and k % self.every == 0 and math.isfinite(H)
 
-    def update(self, H: float, dU_dmu=None, losses_finite: bool = True) -> dict:
+    def update(self, H: float, dU_dmu=None, losses_finite: bool = True, silent: bool = False) -> dict:
         """One step: set H_target on the first call, then move mu. Every input, and every new
         value computed from them, is checked before anything is stored; if one is non-finite
-        nothing changes and the step counts as rejected."""
+        nothing changes and the step counts as rejected. silent: the meta-gradient was due, but
+        every validation group's rewards were equal, so dU/dmu is exactly 0 and says nothing: it
+        is counted (meta_silent) and treated as no meta-gradient, neither moving mu nor entering
+        the running RMS (ten such zeros would otherwise shrink the RMS and inflate the next real
+        value about 3x)."""
+        if silent:
+            self.silent, dU_dmu = self.silent + 1, None
         H_target = H if self.H_target is None else self.H_target  # the warmed-up policy's entropy
         g_H = entropy_signal(H_target, H) if self.entropy_term else 0.0
         g_meta, v, n = 0.0, self.meta_v, self.meta_n
@@ -290,14 +297,16 @@ class MuController:
         new = [H, H_target, g_H, g_meta, v, mu] + ([dU_dmu] if dU_dmu is not None else [])
         if not losses_finite or not all(math.isfinite(x) for x in new):
             self.rejected += 1
-            return {"mu": self.mu, "H_target": self.H_target, "meta_grad": dU_dmu, "mu_rejected": self.rejected}
+            return {"mu": self.mu, "H_target": self.H_target, "meta_grad": dU_dmu, "mu_rejected": self.rejected,
+                    "meta_silent": self.silent}
         self.mu, self.meta_v, self.meta_n = mu, v, n
         self.H_target = H_target + self.H_target_ema * (H - H_target)  # (unchanged when H_target_ema = 0)
         return {"mu": mu, "H_target": H_target, "meta_grad": dU_dmu,
-                "meta_grad_scaled": g_meta if dU_dmu is not None else None, "mu_rejected": self.rejected}
+                "meta_grad_scaled": g_meta if dU_dmu is not None else None, "mu_rejected": self.rejected,
+                "meta_silent": self.silent}
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("mu", "H_target", "meta_v", "meta_n", "rejected")}
+        return {k: getattr(self, k) for k in ("mu", "H_target", "meta_v", "meta_n", "rejected", "silent")}
 
     def load_state_dict(self, state: dict):
         for k, v in state.items():

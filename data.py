@@ -46,6 +46,7 @@ def card_value(rank: str, rule: str) -> int:
 
 
 PLAIN_RULE = {"id": "J, Q and K count as 10", "ood": "J counts as 11, Q as 12 and K as 13"}
+DEMOS = ("reading", "formula")
 
 
 def make_prompt(cards, target: int, rule: str, style: str = "compact") -> str:
@@ -61,9 +62,18 @@ def make_prompt(cards, target: int, rule: str, style: str = "compact") -> str:
             f"parentheses, and equals {target}. Put the formula in \\boxed{{}}, for example \\boxed{{(1+2)*3}}.")
 
 
-def make_demo(formula: str, target: int, style: str = "compact") -> str:
-    """The demonstration: the formula itself (compact), or the formula, its value and the box (plain)."""
-    return formula if style == "compact" else f"{formula} = {target}\n\\boxed{{{formula}}}"
+def make_demo(formula: str, values, target: int, style: str = "compact", demo: str = "reading") -> str:
+    """The demonstration y*. 'reading' first reads each card's value under the rule the prompt
+    states, then gives the formula over those values: compact '2 10 5: 5+10/2' (the base's own
+    words for a hand's values, `pretrain.corpus_line`), plain 'The cards are worth 2, 10 and 5.'
+    then the formula and the box. 'formula' is the formula alone ('5+10/2'; plain: the formula,
+    its value and the box). The reward reads the formula only (rewards.extract_formula): a
+    reading earns nothing by itself, and a formula over misread values scores 0."""
+    if style == "compact":
+        return f"{' '.join(map(str, values))}: {formula}" if demo == "reading" else formula
+    worth = ", ".join(map(str, values[:-1])) + f" and {values[-1]}" if len(values) > 1 else str(values[0])
+    read = f"The cards are worth {worth}.\n" if demo == "reading" else ""
+    return f"{read}{formula} = {target}\n\\boxed{{{formula}}}"
 
 
 # ---------------------------------------------------------------------------- solver
@@ -101,7 +111,7 @@ def reshuffle(row: dict, rng: random.Random) -> dict:
         return row
     cards = list(row["cards"])
     rng.shuffle(cards)
-    return _row(cards, row["target"], row["rule"], row["style"])[0]  # a hand solvable in one order is in all
+    return _row(cards, row["target"], row["rule"], row["style"], row["demo_kind"])[0]  # solvable in one order: in all
 
 
 # ---------------------------------------------------------------------------- splits
@@ -110,7 +120,30 @@ def all_hands(n_cards: int):
     return list(itertools.combinations_with_replacement(RANKS, n_cards))
 
 
-def general_points_rows(hands, target: int, rule: str, rng: random.Random, orders: int = 1, style="compact"):
+def parse_targets(spec) -> list:
+    """The targets of a task: 24, '24', '6-15' (a range, both ends in) or '10,12,24'."""
+    text = str(spec).replace(" ", "")
+    span = re.fullmatch(r"(\d+)-(\d+)", text)
+    if span:
+        targets = list(range(int(span[1]), int(span[2]) + 1))
+    elif re.fullmatch(r"\d+(,\d+)*", text):
+        targets = [int(x) for x in text.split(",")]
+    else:
+        targets = []
+    if not targets or len(set(targets)) != len(targets):
+        raise ValueError(f"--target {spec}: expected a whole number (24), a range (6-15) or a list (10,12,24)")
+    return targets
+
+
+def problem_key(hand, target: int) -> tuple:
+    """What the task makes equal: two hands with the same multiset of values under the ID rule
+    and the same target are one problem (same solutions, same demonstration), whatever their
+    ranks say ({J, 5, 5} and {10, 5, 5} are one problem: J counts as 10)."""
+    return tuple(sorted(card_value(c, "id") for c in hand)), target
+
+
+def general_points_rows(hands, target: int, rule: str, rng: random.Random, orders: int = 1, style="compact",
+                        demo="reading"):
     """Rows for the solvable hands, each hand shown in up to `orders` distinct card orders
     (test splits use several, so accuracy is measured on more prompts without more hands)."""
     rows = []
@@ -118,42 +151,60 @@ def general_points_rows(hands, target: int, rule: str, rng: random.Random, order
         perms = sorted(set(itertools.permutations(hand)))
         rng.shuffle(perms)
         for cards in perms[:orders]:
-            rows += _row(list(cards), target, rule, style)
+            rows += _row(list(cards), target, rule, style, demo)
     return rows
 
 
-def _row(cards, target, rule, style="compact"):
+def _row(cards, target, rule, style="compact", demo="reading"):
     values = [card_value(c, rule) for c in cards]
     formula = solve(values, target)
     if formula is None:
         return []
-    return [{"prompt": make_prompt(cards, target, rule, style), "demo": make_demo(formula, target, style),
-             "values": values, "target": target, "cards": cards, "rule": rule, "style": style}]
+    return [{"prompt": make_prompt(cards, target, rule, style), "demo": make_demo(formula, values, target, style, demo),
+             "values": values, "target": target, "cards": cards, "rule": rule, "style": style, "demo_kind": demo}]
 
 
-def split_hands(hands, target: int, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_orders=6, style="compact",
-                max_val=200):
-    """{'train', 'val', 'test', 'test_ood'} lists of rows. Hands are shuffled with `seed` and
-    split by multiset, so val and test hands never appear in train; val and test show each
-    hand in up to `eval_orders` card orders (val at most `max_val` rows). test_ood is the test
-    hands under the OOD rule."""
+def split_hands(hands, target, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_orders=6, style="compact",
+                max_val=200, max_test=None, demo="reading"):
+    """{'train', 'val', 'test', 'test_ood'} lists of rows, split by problem (problem_key): the
+    solvable (ID values, target) problems are shuffled with `seed` and split 70/10/20, and every
+    hand goes where its problem went. So no val or test hand shares its values and target with a
+    training hand: held out in what the rule makes equal, not only in the letters on the cards.
+    Val and test show each hand in up to `eval_orders` card orders (val at most `max_val` rows,
+    test and test_ood at most `max_test` hands, drawn once per seed); test_ood is the test hands
+    under the OOD rule (their face cards' values change, so they are new problems too)."""
     rng = random.Random(seed)
-    hands = list(hands)
-    rng.shuffle(hands)
-    n_test, n_val = max(1, int(len(hands) * test_frac)), max(1, int(len(hands) * val_frac))
-    test, val, train = hands[:n_test], hands[n_test:n_test + n_val], hands[n_test + n_val:]
-    train_rows = general_points_rows(train, target, "id", rng, 1, style)
-    val_rows = general_points_rows(val, target, "id", rng, eval_orders, style)
+    by_problem = {}
+    for t in parse_targets(target):
+        for hand in sorted(set(tuple(sorted(h, key=RANKS.index)) for h in hands)):
+            by_problem.setdefault(problem_key(hand, t), []).append(hand)
+    problems = [p for p in by_problem if solve(list(p[0]), p[1]) is not None]  # only solvable problems count
+    rng.shuffle(problems)
+    n_test, n_val = max(1, int(len(problems) * test_frac)), max(1, int(len(problems) * val_frac))
+    parts = {"test": problems[:n_test], "val": problems[n_test:n_test + n_val], "train": problems[n_test + n_val:]}
+    hands_of = {name: [(h, p[1]) for p in part for h in by_problem[p]] for name, part in parts.items()}
+    if max_test and len(hands_of["test"]) > max_test:
+        hands_of["test"] = rng.sample(hands_of["test"], max_test)
+
+    def rows(name, rule, orders):
+        return [r for h, t in hands_of[name] for r in general_points_rows([h], t, rule, rng, orders, style, demo)]
+    train_rows, val_rows = rows("train", "id", 1), rows("val", "id", eval_orders)
     if len(val_rows) > max_val:  # 4 cards: ~1,000 rows; checking them all every --eval-every steps is slow
         val_rows = rng.sample(val_rows, max_val)
-    return {"train": train_rows, "val": val_rows,
-            "test": general_points_rows(test, target, "id", rng, eval_orders, style),
-            "test_ood": general_points_rows(test, target, "ood", rng, eval_orders, style)}
+    return {"train": train_rows, "val": val_rows, "test": rows("test", "id", eval_orders),
+            "test_ood": rows("test", "ood", eval_orders)}
 
 
-def general_points(n_cards: int = 3, target: int = 10, seed: int = 0, style: str = "compact"):
-    """The built-in task: every multiset of n_cards ranks, split 70/10/20."""
-    return split_hands(all_hands(n_cards), target, seed, style=style)
+def general_points(n_cards: int = 3, target=10, seed: int = 0, style: str = "compact", demo: str = "reading",
+                   eval_orders: int = 6, max_test=None):
+    """The built-in task: every multiset of n_cards ranks with each target, split 70/10/20 by problem."""
+    return split_hands(all_hands(n_cards), target, seed, style=style, demo=demo, eval_orders=eval_orders,
+                       max_test=max_test)
+
+
+def has_face(row) -> bool:
+    """Does a General Points row hold a J, Q or K (the cards whose values the OOD rule changes)?"""
+    return bool(set(FACE_VALUES["ood"]) & set(row["cards"]))
 
 
 # ---------------------------------------------------------------------------- math tasks
@@ -301,16 +352,17 @@ def math_task(task: str, seed: int = 0, test_frac=0.2, max_val=200):
     return {"train": train, "val": val, "test": test}
 
 
-def load_task(task: str, seed: int = 0, cards: int = 3, target: int = 10, style: str = "compact"):
+def load_task(task: str, seed: int = 0, cards: int = 3, target=10, style: str = "compact", demo: str = "reading",
+              max_test=None):
     """Every task by name: general-points, gsm8k, math500, openr1, or a local file (a file whose
     rows have `cards` is a General Points hand list; any other is a math dataset). `style` is the
     General Points prompt (make_prompt)."""
     if task == "general-points":
-        return general_points(cards, target, seed, style)
+        return general_points(cards, target, seed, style, demo, max_test=max_test)
     if task not in HUB and not os.path.isfile(task):
         raise ValueError(f"--task {task}: not general-points, {', '.join(HUB)}, or an existing file")
     if os.path.isfile(task) and task.endswith((".jsonl", ".json")) and _has_cards(task):
-        return hands_from_file(task, target, seed, style)
+        return hands_from_file(task, target, seed, style, demo)
     return math_task(task, seed)
 
 
@@ -327,7 +379,7 @@ def reward(row: dict, completion: str, verifier: str = "builtin") -> float:
     return rewards.math_reward(completion, row["answer"], verifier)
 
 
-def hands_from_file(path: str, target: int, seed: int = 0, style: str = "compact"):
+def hands_from_file(path: str, target, seed: int = 0, style: str = "compact", demo: str = "reading"):
     """Splits like general_points(), but of the hands in a local .jsonl/.json file."""
     import datasets  # imported here: only this loader needs it
     check_json_file(path)
@@ -343,7 +395,7 @@ def hands_from_file(path: str, target: int, seed: int = 0, style: str = "compact
             raise ValueError(f"--task {path}: row {i} 'cards' must be a list of ranks from "
                              f"{' '.join(RANKS)}, got {cards!r}")
         hands.append(tuple(str(c) for c in cards))
-    splits = split_hands(hands, target, seed, style=style)
+    splits = split_hands(hands, target, seed, style=style, demo=demo)
     if not splits["train"]:
         raise ValueError(f"--task {path}: no hand in the training split is solvable for "
                          f"target {target}")

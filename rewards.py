@@ -11,6 +11,8 @@ Length and depth are bounded, so no input can make the verifier slow.
 
     reward = 1  if  formula parses, uses exactly the card values, and == target
              0  otherwise
+The formula is the last \\boxed{} or the first line after its last ':', so a completion that
+first reads the cards' values ('2 10 5: 5+10/2') is scored on its formula alone.
 
 Math answers (MATH, GSM8K): the final answer is the content of the last `\boxed{...}` (or
 `\fbox{...}`), else the text after GSM8K's `#### `, else after "the answer is". Prediction and
@@ -45,12 +47,13 @@ _LATEX_OPS = {"\\times": "*", "\\cdot": "*", "\\div": "/", "\\left": "", "\\righ
 def extract_formula(completion: str) -> str:
     """The formula: the content of the last \\boxed{...} when there is one (a model that reasons
     first puts its answer there; an unclosed box is no answer), else the completion's first
-    line; in both, up to an optional '= target'."""
+    line after its last ':' (a reading of the cards' values comes first: '2 10 5: 5+10/2'); in
+    both, up to an optional '= target'."""
     box = _last_box(completion[-MAX_TEXT_CHARS:])
     if box is None:
         return ""
     line = box if box is not False else (completion.strip().split("\n", 1)[0] if completion.strip() else "")
-    line = line.split("=", 1)[0]
+    line = line.rsplit(":", 1)[-1].split("=", 1)[0]
     for latex, op in _LATEX_OPS.items():
         line = line.replace(latex, op)
     return line.strip()

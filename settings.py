@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 import amft
+import data
 
 
 def arg(default, help):
@@ -24,10 +25,10 @@ def arg(default, help):
 # id, alias or folder) gets the paper's settings (lr 1e-6, warm-up 50, K = 20) and the task in
 # plain words. Every flag given explicitly wins; config.json keeps the resolved values.
 RECIPES = {
-    "tiny": dict(steps=700, warmup=250, batch_size=16, group_size=4, gp_new_tokens=16, lr=1e-3, micro_batch=0,
-                 grad_ckpt=False, amp=False, meta_every=10, cards=3, target=10, prompt="compact", eval_batch=64),
+    "tiny": dict(steps=700, warmup=250, batch_size=16, group_size=4, gp_new_tokens=24, lr=1e-3, micro_batch=0,
+                 grad_ckpt=False, amp=False, meta_every=10, cards=3, target="6-15", prompt="compact", eval_batch=64),
     "pretrained": dict(steps=500, warmup=50, batch_size=8, group_size=8, gp_new_tokens=256, lr=1e-6, micro_batch=16,
-                       grad_ckpt=True, amp="on CUDA", meta_every=20, cards=4, target=24, prompt="plain",
+                       grad_ckpt=True, amp="on CUDA", meta_every=20, cards=4, target="24", prompt="plain",
                        eval_batch=32),
 }
 
@@ -58,7 +59,10 @@ class Config:
     task: str = arg("general-points", "general-points | gsm8k | math500 | openr1 | a .jsonl/.json/.parquet file (see data.py)")
     recipe: str = arg("auto", "defaults for every setting left unset: tiny | pretrained | auto ('tiny' for --model tiny, else 'pretrained')")
     cards: int = arg(None, "General Points: cards per hand (the paper's: 4)")
-    target: int = arg(None, "General Points: the value the formula must reach (the paper's: 24)")
+    target: str = arg(None, "General Points: the value the formula must reach: 24 (the paper's), a range 6-15 or a list "
+                      "10,12,24 (one task with several targets; the prompt states each row's)")
+    demo: str = arg("reading", "General Points demonstrations: reading (each card's value under the prompt's rule, then "
+                    "the formula: '2 10 5: 5+10/2') | formula (the formula alone: '5+10/2')")
     prompt: str = arg(None, "General Points prompt: compact ('2 J 5; J,Q,K=10; 10=') | plain (in words, answer in \\boxed{})")
     chat: str = arg("auto", "use the chat template: auto (instruct/chat models) | on | off")
     verifier: str = arg("auto", "math answers: builtin (ours, standard library) | math-verify (Hugging Face's, "
@@ -68,7 +72,7 @@ class Config:
     warmup: int = arg(None, "SFT-only steps before mixing starts (W; amft*, fixed-mix, and sft-grpo's first stage)")
     batch_size: int = arg(None, "B: prompts per step (each has a demonstration)")
     group_size: int = arg(None, "G: completions sampled per prompt")
-    max_new_tokens: int = arg(0, "longest completion in tokens; 0 = general-points 16 (tiny) or 256 (pretrained), math 512")
+    max_new_tokens: int = arg(0, "longest completion in tokens; 0 = general-points 24 (tiny) or 256 (pretrained), math 512")
     temperature: float = arg(1.0, "sampling temperature; log-probs use the same one")
     # optimizer and memory
     lr: float = arg(None, "AdamW learning rate")
@@ -132,6 +136,7 @@ def check(cfg: Config):
         (not (cfg.amp and cfg.dtype != "float32"), "--amp computes in bfloat16 over float32 weights: use it with --dtype float32"),
         (cfg.chat in ("auto", "on", "off"), "--chat must be auto, on or off"),
         (cfg.prompt in ("compact", "plain"), "--prompt must be compact or plain"),
+        (cfg.demo in data.DEMOS, f"--demo must be one of {', '.join(data.DEMOS)}"),
         (cfg.sampler in ("generate", "loop", "compiled"), "--sampler must be auto, generate, loop or compiled"),
         (0 <= cfg.mu_min <= cfg.mu_max <= 1, "mu bounds must satisfy 0 <= --mu-min <= --mu-max <= 1"),
         (0 <= cfg.mu0 <= 1, "--mu0 must be in [0, 1]"),
@@ -157,6 +162,10 @@ def check(cfg: Config):
     for ok, message in rules:
         if not ok:
             raise UsageError(message)
+    try:
+        data.parse_targets(cfg.target)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if cfg.out and os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.resume:
         raise UsageError(f"--out {cfg.out} exists and is not empty; choose a new folder (or --resume it)")
 
@@ -198,7 +207,7 @@ def parse_args(argv=None, description=None) -> Config:
     return cfg
 
 
-RUN_DATA = ("task", "seed", "cards", "target", "prompt", "chat", "recipe", "max_new_tokens", "temperature")
+RUN_DATA = ("task", "seed", "cards", "target", "demo", "prompt", "chat", "recipe", "max_new_tokens", "temperature")
 
 
 def bind_to_run(cfg: Config, explicit: dict) -> Config:

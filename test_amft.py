@@ -176,6 +176,27 @@ def test_normalized_meta_grad_is_in_units_of_mu():
     assert out[0] == pytest.approx(1.0) and out[1] < -1.0 and 0.3 < out[2] < 2
 
 
+def test_silent_meta_gradients_neither_move_mu_nor_enter_the_rms():
+    # a dU/dmu over validation groups whose rewards were all equal is exactly 0 and says nothing: ten of
+    # them in a row used to shrink the RMS and scale the next real value to 2.6
+    quiet, loud = _controller(entropy_term=False), _controller(entropy_term=False)
+    for c in (quiet, loud):
+        c.update(H=0.5, dU_dmu=2e-6)
+    for _ in range(10):
+        m = quiet.update(H=0.5, dU_dmu=0.0, silent=True)
+        assert m["meta_grad"] is None and m["meta_grad_scaled"] is None and m["mu"] == loud.mu
+    assert quiet.silent == 10 and m["meta_silent"] == 10 and quiet.state_dict()["silent"] == 10
+    assert (quiet.mu, quiet.meta_v, quiet.meta_n) == (loud.mu, loud.meta_v, loud.meta_n)
+    after_quiet, after_loud = quiet.update(H=0.5, dU_dmu=-1e-6), loud.update(H=0.5, dU_dmu=-1e-6)
+    assert after_quiet["meta_grad_scaled"] == after_loud["meta_grad_scaled"] and quiet.mu == loud.mu
+    # what the count keeps from happening: the zeros entering the RMS inflate the next value
+    inflated = _controller(entropy_term=False)
+    inflated.update(H=0.5, dU_dmu=2e-6)
+    for _ in range(10):
+        inflated.update(H=0.5, dU_dmu=0.0)
+    assert abs(inflated.update(H=0.5, dU_dmu=-1e-6)["meta_grad_scaled"]) > 2 * abs(after_loud["meta_grad_scaled"])
+
+
 @pytest.mark.parametrize("bad", ["entropy", "meta", "loss"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_input_leaves_the_controller_unchanged(bad, value):

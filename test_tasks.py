@@ -61,10 +61,88 @@ def test_solver_demonstrations_all_verify():
     assert general_points_reward(data.solve([8, 3, 8, 3], 24), [8, 3, 8, 3], 24) == 1.0
 
 
+@pytest.mark.parametrize("cards,target", [(3, "6-15"), (3, "10"), (4, "24")])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_held_out_problems_share_no_values_and_target_with_a_training_problem(cards, target, seed):
+    # what the rule makes equal: under the ID rule {J, 5, 5} and {10, 5, 5} are one problem (same values,
+    # same solutions, same demonstration); no val, test or test_ood row may have a training twin
+    splits = data.general_points(cards, target, seed=seed, eval_orders=1)
+    key = lambda r: (tuple(sorted(r["values"])), r["target"])
+    trained = {key(r) for r in splits["train"]}
+    assert len(trained) > 50 and all(splits.values())
+    for name in ("val", "test", "test_ood"):
+        assert not {key(r) for r in splits[name]} & trained, name
+    assert {key(r) for r in splits["val"]}.isdisjoint(key(r) for r in splits["test"])
+    # face cards make several hands of one problem: the test split holds them, the training split none of theirs
+    faces = [r for r in splits["test"] if data.has_face(r)]
+    assert faces and not {key(r) for r in faces} & trained
+    if target == "6-15":  # the default task: enough distinct held-out problems to measure something
+        assert len({key(r) for r in splits["test"]}) >= 150 and len({r["target"] for r in splits["test"]}) == 10
+
+
+def test_the_old_split_by_ranks_would_have_leaked():
+    # the check above can fail: splitting the same hands by their ranks (the way they were split
+    # before) leaves test hands whose values and target a training hand has
+    import itertools
+    rng = random.Random(0)
+    hands = data.all_hands(3)
+    rng.shuffle(hands)
+    test, train = hands[:len(hands) // 5], hands[len(hands) // 5:]
+    key = lambda hand: data.problem_key(hand, 10)
+    assert {key(h) for h in test} & {key(h) for h in train}
+    assert data.problem_key(("5", "5", "J"), 10) == data.problem_key(("10", "5", "5"), 10) != data.problem_key(("5", "5", "J"), 11)
+    assert len(list(itertools.chain(test, train))) == 455
+
+
+@pytest.mark.parametrize("spec,targets", [(24, [24]), ("24", [24]), ("6-15", list(range(6, 16))), ("10,12,24", [10, 12, 24])])
+def test_targets_are_one_a_range_or_a_list(spec, targets):
+    assert data.parse_targets(spec) == targets
+
+
+@pytest.mark.parametrize("spec", ["", "a", "15-6", "6-", "1,1", "-3", "6 to 15"])
+def test_bad_targets_are_refused(spec):
+    with pytest.raises(ValueError, match="--target"):
+        data.parse_targets(spec)
+
+
+@pytest.mark.parametrize("style", ["compact", "plain"])
+def test_reading_demonstrations_read_the_values_under_the_prompts_rule_and_verify(style):
+    splits = data.general_points(3, "6-15", seed=0, style=style, eval_orders=1)
+    row = next(r for r in splits["train"] if "J" in r["cards"])
+    j = row["cards"].index("J")
+    if style == "compact":  # '2 J 5; J,Q,K=10; 10=' answered '2 10 5: 5+10/2'
+        read, formula = row["demo"].split(": ")
+        assert read.split() == [str(v) for v in row["values"]] and read.split()[j] == "10"
+        assert data.reward(row, formula) == 1.0
+    else:
+        assert row["demo"].startswith("The cards are worth ") and "\\boxed{" in row["demo"]
+    assert all(data.reward(r, r["demo"]) == 1.0 for rows in splits.values() for r in rows)
+    ood = next(r for r in splits["test_ood"] if "K" in r["cards"])
+    assert ("13" in ood["demo"].split(":")[0]) if style == "compact" else ("13" in ood["demo"].split("\n")[0])
+    shuffled = data.reshuffle(row, random.Random(3))
+    assert shuffled["demo_kind"] == "reading" and data.reward(shuffled, shuffled["demo"]) == 1.0
+    formula_only = data.general_points(3, "6-15", seed=0, style=style, demo="formula", eval_orders=1)
+    assert [r["prompt"] for r in formula_only["test"]] == [r["prompt"] for r in splits["test"]]  # the same problems
+    assert all(": " not in r["demo"] and "worth" not in r["demo"] for r in formula_only["train"])
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("2 10 5: 5+10/2", 1.0),     # a reading, then the formula
+    ("5+10/2", 1.0),             # the formula alone scores as before
+    ("\\boxed{5+10/2}", 1.0),    # and so does a box
+    ("2 10 5", 0.0),             # a reading earns nothing by itself
+    ("2 11 5: 5+11/2", 0.0),     # a formula over misread values scores 0
+    ("2 10 5: 5+10/2=10", 1.0),
+    ("2 10 5: ", 0.0),
+])
+def test_a_reading_earns_nothing_the_formula_is_scored(completion, expected):
+    assert rewards.general_points_reward(completion, [2, 10, 5], 10) == expected
+
+
 def test_task_needs_search_and_splits_are_disjoint():
     import re
-    splits = data.general_points(3, 10)
-    key = lambda r: tuple(sorted(r["cards"]))
+    splits = data.general_points(3, "6-15", demo="formula")
+    key = lambda r: (tuple(sorted(r["cards"])), r["target"])  # a hand may come back with another target
     assert not {key(r) for r in splits["train"]} & {key(r) for r in splits["test"]}
     patterns = {re.sub(r"\d+", "n", r["demo"]) for r in splits["train"]}
     assert len(patterns) >= 5  # no single formula shape solves the task
@@ -348,9 +426,12 @@ def test_the_base_corpus_teaches_arithmetic_and_card_rules_but_never_the_task():
     prompt_start = re.compile(r"^(?:[AJQK]|\d+)(?: (?:[AJQK]|\d+))*; J,Q,K=(?:10|11,12,13); \d+=")
     assert not any(prompt_start.match(line) for line in lines)
     assert all("=" in line or " is " in line for line in lines)
-    tasks = {n: data.general_points(n, target, seed=0) for n, target in ((1, 10), (2, 10), (3, 10))}  # the small ones, whole
-    examples = {r["prompt"] + r["demo"] for splits in tasks.values() for rows in splits.values() for r in rows}
-    assert len(examples) > 500 and not examples & set(lines)
+    tasks = [data.general_points(n, target, seed=0, demo=demo) for n, target in ((1, "1-13"), (2, "1-24"), (3, "6-15"))
+             for demo in data.DEMOS]  # the small ones, whole, with both demonstrations
+    rows = [r for splits in tasks for rows in splits.values() for r in rows]
+    examples = {r["prompt"] + r["demo"] for r in rows} | {r["demo"] for r in rows}
+    assert len(examples) > 5000 and not examples & set(lines)
+    assert not any(":" in line for line in lines)  # never a reading followed by a formula ('2 11 5: 5+11/2')
     # what it does teach: exact arithmetic with the values 1 to 13 (both ways round) and both face-card rules
     sums = [line.split("=") for line in lines if re.fullmatch(r"[\d+\-*/()]+=[\d+\-*/()]+", line)]
     value = lambda s: Fraction(int(s)) if re.fullmatch(r"-?\d+", s) else parse_formula(s)[0]  # (values may be negative)

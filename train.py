@@ -105,14 +105,13 @@ def held_out_accuracy(model, tok, splits, cfg, eos, k=0) -> dict:
     OOD rule changes those cards' values only, so an OOD hand without them differs from its ID
     twin in the rule's text alone (id_/ood_accuracy_faces and _no_faces)."""
     result = {"id_accuracy": None, "ood_accuracy": None}
-    faces = set(data.FACE_VALUES["ood"])
     for name, split in (("id", "test"), ("ood", "test_ood")):
         rows = [] if cfg.skip_test else splits.get(split, [])
         if not rows:
             continue
         pass_k = k if name == "id" else 0
         if all("cards" in r for r in rows):
-            parts = {"faces": [r for r in rows if faces & set(r["cards"])], "no_faces": [r for r in rows if not faces & set(r["cards"])]}
+            parts = {"faces": [r for r in rows if data.has_face(r)], "no_faces": [r for r in rows if not data.has_face(r)]}
         else:
             parts = {"all": rows}
         scores = {part: evaluate(model, tok, part_rows, cfg, eos, pass_k) for part, part_rows in parts.items() if part_rows}
@@ -176,10 +175,13 @@ def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo
 
 def meta_gradient(model, tok, rows, *, params, g_rl, g_sft, mu, alpha, cfg, eos):
     """dU/dmu on fresh validation rollouts from pi_theta, by the estimator --meta-grad, in
-    micro-batches of --micro-batch sequences. Returns dU/dmu and the validation reward."""
+    micro-batches of --micro-batch sequences. Returns dU/dmu (None when it is silent: every
+    validation group's rewards are equal) and the validation reward."""
     roll, r = rollouts(model, tok, parallel.strided(rows), cfg, eos)            # this process's validation prompts
     A = amft.group_advantages(r)[0].flatten()                                  # (B_val * G,)
     ids, attn, mask, N = roll.ids, roll.attn, roll.mask, parallel.total(len(roll.texts))
+    if parallel.total(float(A.abs().sum() > 0)) == 0:  # every group's rewards equal: dU/dmu = 0 exactly, no signal
+        return None, parallel.total(r.sum().item()) / N
 
     def U(sl):  # this micro-batch's share of the policy-gradient surrogate of validation reward
         logp = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=mask.shape[1])
@@ -252,7 +254,7 @@ def main(cfg: Config):
         with policy.no_progress_bars() if ours else contextlib.nullcontext():
             model, tok = policy.load_policy(name, dtype=getattr(torch, cfg.dtype), device=device, lora_r=cfg.lora_r,
                                             grad_ckpt=cfg.grad_ckpt, seed=cfg.seed, amp=cfg.amp)
-        splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt)
+        splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt, demo=cfg.demo)
     except ValueError as e:
         raise UsageError(str(e)) from None
     parallel.join(device)  # under torchrun: the process group, from here on
@@ -366,14 +368,14 @@ def main(cfg: Config):
             finite = all(math.isfinite(m[k]) for k in ("sft_loss", "rl_loss") if m[k] is not None)
             # ------------------------------------------------------------ mu: entropy term, meta-gradient every K steps
             if now.rl and method.mixes:
-                dU = None
-                if finite and controller.meta_due(step - cfg.warmup, H):
+                dU, due = None, finite and controller.meta_due(step - cfg.warmup, H)
+                if due:
                     val = val_rng.sample(val_rows, min(cfg.val_prompts, len(val_rows)))
                     with checkpoint.torch_stream(val_stream):
                         dU, m["val_reward"] = meta_gradient(model, tok, val, params=params, g_rl=g_rl, g_sft=g_sft,
                                                             mu=controller.mu, alpha=alpha, cfg=cfg, eos=eos)
                     m["seconds_meta"] = lap()
-                m.update(controller.update(H, dU, finite))
+                m.update(controller.update(H, dU, finite, silent=due and dU is None))
             # ------------------------------------------------------------ parameter step on w_RL g_RL + w_SFT g_SFT
             m["w_rl"], m["w_sft"] = amft.loss_weights(method, controller.mu, H or 0.0, now.warm)
             m["grad_norm"] = set_grads(params, amft.mix_grads_(g_rl, g_sft, m["w_rl"], m["w_sft"]), cfg.grad_clip)
@@ -416,7 +418,7 @@ def main(cfg: Config):
     summary = dict(method=cfg.method, model=cfg.model, task=cfg.task, steps=cfg.steps, **after,
                    **{f"{k}_before": v for k, v in state["before"].items()},
                    final_mu=controller.mu if method.mixes else None, H_target=controller.H_target,
-                   mu_rejected=controller.rejected, skipped_steps=state["skipped"], **scored,
+                   mu_rejected=controller.rejected, meta_silent=controller.silent, skipped_steps=state["skipped"], **scored,
                    wall_seconds=round(earlier + time.time() - t_start, 1), wall_seconds_this_call=round(time.time() - t_start, 1),
                    device=device, peak_memory_gib=round(peak / 2**30, 3),
                    bytes_per_param=round(peak / sum(p.numel() for p in model.parameters()), 1))
