@@ -287,7 +287,7 @@ class MuController:
         the running RMS (ten such zeros would otherwise shrink the RMS and inflate the next real
         value about 3x)."""
         if silent:
-            self.silent, dU_dmu = self.silent + 1, None
+            dU_dmu = None
         H_target = H if self.H_target is None else self.H_target  # the warmed-up policy's entropy
         g_H = entropy_signal(H_target, H) if self.entropy_term else 0.0
         g_meta, v, n = 0.0, self.meta_v, self.meta_n
@@ -298,8 +298,8 @@ class MuController:
         if not losses_finite or not all(math.isfinite(x) for x in new):
             self.rejected += 1
             return {"mu": self.mu, "H_target": self.H_target, "meta_grad": dU_dmu, "mu_rejected": self.rejected,
-                    "meta_silent": self.silent}
-        self.mu, self.meta_v, self.meta_n = mu, v, n
+                    "meta_silent": self.silent}  # (a rejected step counts as rejected, not as silent)
+        self.mu, self.meta_v, self.meta_n, self.silent = mu, v, n, self.silent + silent
         self.H_target = H_target + self.H_target_ema * (H - H_target)  # (unchanged when H_target_ema = 0)
         return {"mu": mu, "H_target": H_target, "meta_grad": dU_dmu,
                 "meta_grad_scaled": g_meta if dU_dmu is not None else None, "mu_rejected": self.rejected,

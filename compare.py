@@ -72,17 +72,19 @@ def table(results, settings: str, reference="amft") -> str:
     """Markdown: one row per method, mean +- std over seeds, and the difference from the reference
     method paired by seed with its 95% bootstrap interval."""
     ref = results.get(reference)
-    score = lambda runs, key: [r["summary"][key] for r in runs]
+    score = lambda runs, key: [r["summary"].get(key) for r in runs]
     lines = [f"Settings: {settings}", "",
              f"| method | ID accuracy | OOD accuracy | ID − {reference} [95% CI] | OOD − {reference} [95% CI] "
+             f"| OOD with J,Q,K − {reference} [95% CI] "
              "| hands without J,Q,K: ID / OOD | hands with J,Q,K: ID / OOD | final w_SFT | samples per run (demos + rollouts) | wall s per run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, runs in results.items():
         s = [r["summary"] for r in runs]
         acc = lambda key: mean_std([x.get(key) for x in s])
         w_sft = [r["metrics"][-1]["w_sft"] for r in runs]
-        paired = [difference(score(ref, k), score(runs, k)) if ref and method != reference else "" for k in ("id_accuracy", "ood_accuracy")]
-        lines.append(f"| {method} | {acc('id_accuracy')} | {acc('ood_accuracy')} | {paired[0]} | {paired[1]} "
+        paired = [difference(score(ref, k), score(runs, k)) if ref and method != reference else ""
+                  for k in ("id_accuracy", "ood_accuracy", "ood_accuracy_faces")]
+        lines.append(f"| {method} | {acc('id_accuracy')} | {acc('ood_accuracy')} | {paired[0]} | {paired[1]} | {paired[2]} "
                      f"| {acc('id_accuracy_no_faces')} / {acc('ood_accuracy_no_faces')} | {acc('id_accuracy_faces')} / {acc('ood_accuracy_faces')} "
                      f"| {statistics.mean(w_sft):.2f} | {runs[0]['metrics'][-1]['samples_seen']:,} "
                      f"| {statistics.mean(x['wall_seconds'] for x in s):.0f} |")
@@ -142,6 +144,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="SFT warm-up steps (default 100; --quick: 40)")
     p.add_argument("--batch-size", type=int, default=16, help="B: prompts per step")
     p.add_argument("--group-size", type=int, default=4, help="G: samples per prompt (the default run's)")
+    p.add_argument("--target", default=None, help="General Points target(s), as train.py --target (default: the tiny "
+                   "recipe's 6-15)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation checks (default steps/10)")
     p.add_argument("--quick", action="store_true", help="fewer seeds and steps: 2 x 120")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with its share of "
@@ -163,13 +167,17 @@ def main(argv=None):
     runs = {(method, seed): os.path.join(out, f"{method.replace('@', '_').replace('=', '').replace(',', '_')}-seed{seed}")
             for seed in range(seeds) for method in methods}  # seed by seed: a comparison cut short has whole seeds
     todo = [key for key, run in runs.items() if not os.path.isfile(os.path.join(run, "summary.json"))]  # a finished run is reused
+    target = a.target or train.RECIPES["tiny"]["target"]
+    for key, run in runs.items():  # ... if it is a run of this task
+        if key not in todo and str(json.load(open(os.path.join(run, "config.json"))).get("target")) != str(target):
+            raise SystemExit(f"error: {run} was trained with another --target than {target}; use another --out")
     t0 = time.time()
     for key in todo:
         if os.path.isdir(runs[key]):
             os.rename(runs[key], f"{runs[key]}.incomplete-{time.strftime('%H%M%S')}")
     configs = {(m, seed): train.Config(method=entries[m][0], seed=seed, steps=steps, warmup=warmup, batch_size=a.batch_size,
                                        group_size=a.group_size, eval_every=eval_every, save_every=0, out=runs[m, seed],
-                                       **entries[m][1]) for m, seed in todo}
+                                       **{"target": a.target, **entries[m][1]}) for m, seed in todo}
     if a.jobs == 1:
         for key in todo:
             train.main(configs[key])

@@ -7,10 +7,18 @@ General Points, `answer` for math). `load_task` takes every task by name; `rewar
 General Points (Chu et al. 2025): n cards are drawn (ranks A, 2..10, J, Q, K); write one
 formula with + - * / and parentheses that uses each card's value once and equals the target.
   ID rule:  J, Q, K count as 10.      OOD rule: J, Q, K count as 11, 12, 13.
-The rule is written in the prompt. The OOD split is drawn exactly like the ID split; only
-the face-card rule differs. Hands are split by their multiset of ranks, so no test hand is
-ever seen in training. Only solvable hands are kept; the demonstration is the first
-solution our exhaustive solver finds (exact rationals, no eval).
+The rule and the target are written in the prompt; one task may hold several targets
+(`--target 6-15`, the tiny recipe's). Held out means held out in what the rule makes equal: a
+problem is the multiset of card values under the ID rule together with the target, so {J, 5, 5}
+and {10, 5, 5} with target 10 are one problem (same solutions, same demonstration). Problems,
+not hands, are split 70/10/20 into train / val / test, so no val or test hand has a training
+twin (test_tasks checks it over seeds and variants). test_ood is the test hands under the OOD
+rule: the same problems where a hand has no J, Q or K (only the rule's text differs), new values
+where it has one. Only solvable problems are kept; the formula is the first solution our
+exhaustive solver finds (exact rationals, no eval). The demonstration first reads each card's
+value under the prompt's rule, then gives the formula ('2 10 5: 5+10/2'), so that the skill of
+reading a rule, which the tiny base learnt for both rules, is used in fine-tuning and can carry
+to the OOD rule; `--demo formula` gives the formula alone.
 
 A local file can stand in for the built-in hands: `--task hands.jsonl` with one row per hand,
 {"cards": ["3", "J", "5"]}: it is read with `datasets`.
@@ -120,18 +128,23 @@ def all_hands(n_cards: int):
     return list(itertools.combinations_with_replacement(RANKS, n_cards))
 
 
+MAX_TARGET, MAX_TARGETS = 999, 30  # 30 targets of 4 cards already take ~2 minutes to solve
+
+
 def parse_targets(spec) -> list:
     """The targets of a task: 24, '24', '6-15' (a range, both ends in) or '10,12,24'."""
     text = str(spec).replace(" ", "")
-    span = re.fullmatch(r"(\d+)-(\d+)", text)
+    span = re.fullmatch(r"([0-9]+)-([0-9]+)", text)
     if span:
         targets = list(range(int(span[1]), int(span[2]) + 1))
-    elif re.fullmatch(r"\d+(,\d+)*", text):
+    elif re.fullmatch(r"[0-9]+(,[0-9]+)*", text):
         targets = [int(x) for x in text.split(",")]
     else:
         targets = []
-    if not targets or len(set(targets)) != len(targets):
-        raise ValueError(f"--target {spec}: expected a whole number (24), a range (6-15) or a list (10,12,24)")
+    if not targets or len(set(targets)) != len(targets) or not all(1 <= t <= MAX_TARGET for t in targets) \
+            or len(targets) > MAX_TARGETS:
+        raise ValueError(f"--target {spec}: expected a whole number from 1 to {MAX_TARGET} (24), a range (6-15) or a "
+                         f"list (10,12,24), at most {MAX_TARGETS} targets")
     return targets
 
 
@@ -164,15 +177,16 @@ def _row(cards, target, rule, style="compact", demo="reading"):
              "values": values, "target": target, "cards": cards, "rule": rule, "style": style, "demo_kind": demo}]
 
 
-def split_hands(hands, target, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_orders=6, style="compact",
-                max_val=200, max_test=None, demo="reading"):
+def split_hands(hands, target, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_orders=2, style="compact",
+                max_val=200, demo="reading", eval_hands=2):
     """{'train', 'val', 'test', 'test_ood'} lists of rows, split by problem (problem_key): the
     solvable (ID values, target) problems are shuffled with `seed` and split 70/10/20, and every
     hand goes where its problem went. So no val or test hand shares its values and target with a
     training hand: held out in what the rule makes equal, not only in the letters on the cards.
-    Val and test show each hand in up to `eval_orders` card orders (val at most `max_val` rows,
-    test and test_ood at most `max_test` hands, drawn once per seed); test_ood is the test hands
-    under the OOD rule (their face cards' values change, so they are new problems too)."""
+    Val and test take up to `eval_hands` hands of each problem, drawn at random ({10, 10, 5} has
+    ten: 10, J, Q, K in two places), each in up to `eval_orders` card orders, so that no problem
+    weighs more than eval_hands x eval_orders rows in an accuracy (val: at most `max_val` rows).
+    test_ood is the test hands under the OOD rule (their face cards' values change)."""
     rng = random.Random(seed)
     by_problem = {}
     for t in parse_targets(target):
@@ -182,9 +196,9 @@ def split_hands(hands, target, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_
     rng.shuffle(problems)
     n_test, n_val = max(1, int(len(problems) * test_frac)), max(1, int(len(problems) * val_frac))
     parts = {"test": problems[:n_test], "val": problems[n_test:n_test + n_val], "train": problems[n_test + n_val:]}
-    hands_of = {name: [(h, p[1]) for p in part for h in by_problem[p]] for name, part in parts.items()}
-    if max_test and len(hands_of["test"]) > max_test:
-        hands_of["test"] = rng.sample(hands_of["test"], max_test)
+    hands_of = {name: [(h, p[1]) for p in part
+                       for h in (by_problem[p] if name == "train" else rng.sample(by_problem[p], min(eval_hands, len(by_problem[p]))))]
+                for name, part in parts.items()}
 
     def rows(name, rule, orders):
         return [r for h, t in hands_of[name] for r in general_points_rows([h], t, rule, rng, orders, style, demo)]
@@ -196,10 +210,9 @@ def split_hands(hands, target, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_
 
 
 def general_points(n_cards: int = 3, target=10, seed: int = 0, style: str = "compact", demo: str = "reading",
-                   eval_orders: int = 6, max_test=None):
+                   eval_orders: int = 2):
     """The built-in task: every multiset of n_cards ranks with each target, split 70/10/20 by problem."""
-    return split_hands(all_hands(n_cards), target, seed, style=style, demo=demo, eval_orders=eval_orders,
-                       max_test=max_test)
+    return split_hands(all_hands(n_cards), target, seed, style=style, demo=demo, eval_orders=eval_orders)
 
 
 def has_face(row) -> bool:
@@ -352,13 +365,12 @@ def math_task(task: str, seed: int = 0, test_frac=0.2, max_val=200):
     return {"train": train, "val": val, "test": test}
 
 
-def load_task(task: str, seed: int = 0, cards: int = 3, target=10, style: str = "compact", demo: str = "reading",
-              max_test=None):
+def load_task(task: str, seed: int = 0, cards: int = 3, target=10, style: str = "compact", demo: str = "reading"):
     """Every task by name: general-points, gsm8k, math500, openr1, or a local file (a file whose
     rows have `cards` is a General Points hand list; any other is a math dataset). `style` is the
     General Points prompt (make_prompt)."""
     if task == "general-points":
-        return general_points(cards, target, seed, style, demo, max_test=max_test)
+        return general_points(cards, target, seed, style, demo)
     if task not in HUB and not os.path.isfile(task):
         raise ValueError(f"--task {task}: not general-points, {', '.join(HUB)}, or an existing file")
     if os.path.isfile(task) and task.endswith((".jsonl", ".json")) and _has_cards(task):

@@ -25,7 +25,7 @@ def arg(default, help):
 # id, alias or folder) gets the paper's settings (lr 1e-6, warm-up 50, K = 20) and the task in
 # plain words. Every flag given explicitly wins; config.json keeps the resolved values.
 RECIPES = {
-    "tiny": dict(steps=700, warmup=250, batch_size=16, group_size=4, gp_new_tokens=24, lr=1e-3, micro_batch=0,
+    "tiny": dict(steps=700, warmup=450, batch_size=16, group_size=4, gp_new_tokens=24, lr=1e-3, micro_batch=0,
                  grad_ckpt=False, amp=False, meta_every=10, cards=3, target="6-15", prompt="compact", eval_batch=64),
     "pretrained": dict(steps=500, warmup=50, batch_size=8, group_size=8, gp_new_tokens=256, lr=1e-6, micro_batch=16,
                        grad_ckpt=True, amp="on CUDA", meta_every=20, cards=4, target="24", prompt="plain",
@@ -199,6 +199,9 @@ def parse_args(argv=None, description=None) -> Config:
             with open(path) as f:
                 saved = json.load(f)
             saved.pop("fsdp", None)  # how the run is launched (like the number of processes): this command line's
+            if "demo" not in saved and saved.get("task") == "general-points":
+                sys.exit(f"error: --resume {cfg.resume}: the run predates the split of General Points by problem "
+                         "(its training order indexes other rows now); start a new run")
             cfg = Config(**{**saved, **vars(parser(False).parse_args(argv))})
         except (ValueError, TypeError) as e:
             sys.exit(f"error: --resume {cfg.resume}: config.json is damaged ({e})")
@@ -226,6 +229,9 @@ def bind_to_run(cfg: Config, explicit: dict) -> Config:
         sys.exit(f"error: {run}/config.json is damaged ({e})")
     if run == model:
         cfg.model = os.path.join(run, "model")
+    if "demo" not in saved and saved.get("task") == "general-points":
+        print(f"warning: {run} predates the split of General Points by problem: today's test split may hold problems "
+              "it trained on", file=sys.stderr)
     for key in RUN_DATA:
         if key not in explicit and saved.get(key) is not None:
             setattr(cfg, key, saved[key])

@@ -4,6 +4,7 @@ and unsafe checkpoints, Ctrl-C, open files and temporary models, real-data and L
 recipes on a pretrained-like checkpoint, compare.py and bench.py. Most run `python train.py`
 as a user would; the loop itself is tested in test_train.py.
 """
+import dataclasses
 import glob
 import json
 import math
@@ -122,6 +123,10 @@ def test_help_lists_every_flag():
     (dict(eta_H=math.inf), "must be finite"),
     (dict(H_target=math.inf), "--H-target"),
     (dict(lr=math.inf), "--lr must be finite"),
+    (dict(target="15-6"), "--target 15-6"),
+    (dict(target="1-100000"), "at most 30 targets"),
+    (dict(target="0"), "from 1 to 999"),
+    (dict(demo="proof"), "--demo must be one of reading, formula"),
 ])
 def test_impossible_settings_are_refused_at_the_door(tmp_path, settings, message):
     with pytest.raises(train.UsageError, match=message):
@@ -233,7 +238,7 @@ def test_lora_run_trains_adapters_only_and_saves_a_merged_model(tmp_path, tiny_p
 def test_compare_quick_writes_table_and_figure(tmp_path):
     import compare
     results = compare.main(["--quick", "--methods", "sft,amft", "--seeds", "2", "--steps", "3", "--warmup", "1", "--jobs", "2",
-                            "--batch-size", "2", "--group-size", "2", "--eval-every", "1", "--out", str(tmp_path)])
+                            "--batch-size", "2", "--group-size", "2", "--eval-every", "1", "--target", "10", "--out", str(tmp_path)])
     assert set(results) == {"sft", "amft"} and all(len(r) == 2 for r in results.values())
     # --jobs 2: each run trained in a process of its own, its printout kept in its folder
     assert all("after training" in (tmp_path / f"{m}-seed{s}" / "train.log").read_text() for m in ("sft", "amft") for s in (0, 1))
@@ -253,7 +258,8 @@ def test_compare_quick_writes_table_and_figure(tmp_path):
         assert not (tmp_path / "comparison.png").exists()
     # a finished run is reused, not trained again; a missing seed is trained (here in this process)
     before = (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime
-    more = compare.main(["--methods", "sft", "--seeds", "3", "--steps", "3", "--batch-size", "2", "--out", str(tmp_path)])
+    more = compare.main(["--methods", "sft", "--seeds", "3", "--steps", "3", "--batch-size", "2", "--target", "10",
+                         "--out", str(tmp_path)])
     assert (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime == before
     assert [r["summary"]["seed"] for r in more["sft"]] == [0, 1, 2] and (tmp_path / "sft-seed2" / "summary.json").exists()
     assert "(1 runs trained, 2 reused)" in (tmp_path / "results.md").read_text()
@@ -324,7 +330,7 @@ def instruct_path(tmp_path_factory):
 def test_a_pretrained_model_resolves_to_the_pretrained_recipe(instruct_path):
     cfg = train.parse_args(["--model", instruct_path])
     assert train.resolve(cfg, cuda=False) == "pretrained"
-    assert (cfg.lr, cfg.warmup, cfg.meta_every, cfg.cards, cfg.target, cfg.prompt) == (1e-6, 50, 20, 4, 24, "plain")
+    assert (cfg.lr, cfg.warmup, cfg.meta_every, cfg.cards, cfg.target, cfg.prompt) == (1e-6, 50, 20, 4, "24", "plain")
     assert (cfg.micro_batch, cfg.dtype, cfg.grad_ckpt, cfg.amp, cfg.group_size, cfg.sampler) == (16, "float32", True, False, 8, "generate")
     cfg = train.parse_args(["--model", "Qwen2.5-0.5B"])  # the headline command, on a GPU: mixed precision, compiled sampler
     train.resolve(cfg, cuda=True)
@@ -334,7 +340,7 @@ def test_a_pretrained_model_resolves_to_the_pretrained_recipe(instruct_path):
     assert cfg.sampler == "loop"
     cfg = train.parse_args(["--model", "Qwen2.5-0.5B", "--lr", "3e-6", "--no-grad-ckpt", "--cards", "3"])
     train.resolve(cfg, cuda=True)  # every explicit flag wins
-    assert (cfg.lr, cfg.grad_ckpt, cfg.cards, cfg.target) == (3e-6, False, 3, 24)
+    assert (cfg.lr, cfg.grad_ckpt, cfg.cards, cfg.target) == (3e-6, False, 3, "24")
     cfg = train.parse_args([])
     assert train.resolve(cfg, cuda=True) == "tiny" and (cfg.lr, cfg.dtype, cfg.prompt, cfg.steps) == (1e-3, "float32", "compact", 700)
 
@@ -349,7 +355,7 @@ def test_a_pretrained_like_checkpoint_trains_evaluates_and_resumes(tmp_path, ins
     train.main(train.parse_args(["--model", instruct_path, *budget, "--out", str(out)]))  # in this process
     assert "recipe: pretrained" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
-    assert (config["recipe"], config["lr"], config["prompt"], config["micro_batch"], config["target"]) == ("pretrained", 1e-6, "plain", 16, 24)
+    assert (config["recipe"], config["lr"], config["prompt"], config["micro_batch"], config["target"]) == ("pretrained", 1e-6, "plain", 16, "24")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["phase"] for m in lines] == ["warmup", "main", "main"] and lines[1]["rl_loss"] is not None
     assert json.loads((out / "summary.json").read_text())["id_accuracy"] is not None
@@ -396,3 +402,21 @@ def test_the_run_says_which_math_verifier_it_used(tmp_path, tiny_path, math_file
     if not installed:
         with pytest.raises(train.UsageError, match="pip install"):
             run(tmp_path, "asked", model=tiny_path, task=math_files["gsm8k"], steps=1, verifier="math-verify")
+
+
+def test_a_run_from_before_the_split_by_problem_is_not_resumed_and_is_scored_with_a_warning(tmp_path, capsys):
+    # its training order indexes rows of the old split, and today's test split may hold problems it trained on
+    run_dir = tmp_path / "old"
+    (run_dir / "checkpoint").mkdir(parents=True)
+    (run_dir / "checkpoint" / "trainer_state.pt").write_bytes(b"")
+    old = {k: v for k, v in dataclasses.asdict(train.Config(target="10")).items() if k != "demo"}
+    (run_dir / "config.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="predates the split of General Points by problem"):
+        train.parse_args(["--resume", str(run_dir)])
+    (run_dir / "metrics.jsonl").write_text("")
+    cfg = train.parse_args(["--eval-only", "--model", str(run_dir)])
+    assert cfg.target == "10" and "predates the split" in capsys.readouterr().err
+    old["demo"] = "formula"  # a run of today's split: no warning
+    (run_dir / "config.json").write_text(json.dumps(old))
+    train.parse_args(["--eval-only", "--model", str(run_dir)])
+    assert "predates" not in capsys.readouterr().err

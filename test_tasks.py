@@ -66,16 +66,17 @@ def test_solver_demonstrations_all_verify():
 def test_held_out_problems_share_no_values_and_target_with_a_training_problem(cards, target, seed):
     # what the rule makes equal: under the ID rule {J, 5, 5} and {10, 5, 5} are one problem (same values,
     # same solutions, same demonstration); no val, test or test_ood row may have a training twin
-    splits = data.general_points(cards, target, seed=seed, eval_orders=1)
+    splits = data.general_points(cards, target, seed=seed)
     key = lambda r: (tuple(sorted(r["values"])), r["target"])
     trained = {key(r) for r in splits["train"]}
     assert len(trained) > 50 and all(splits.values())
     for name in ("val", "test", "test_ood"):
         assert not {key(r) for r in splits[name]} & trained, name
     assert {key(r) for r in splits["val"]}.isdisjoint(key(r) for r in splits["test"])
-    # face cards make several hands of one problem: the test split holds them, the training split none of theirs
+    # face cards make several hands of one problem; a problem weighs at most 2 hands x 2 orders in an accuracy
     faces = [r for r in splits["test"] if data.has_face(r)]
-    assert faces and not {key(r) for r in faces} & trained
+    per_problem = [sum(key(r) == k for r in splits["test"]) for k in {key(r) for r in splits["test"]}]
+    assert faces and max(per_problem) <= 4 and len(faces) < len(splits["test"])
     if target == "6-15":  # the default task: enough distinct held-out problems to measure something
         assert len({key(r) for r in splits["test"]}) >= 150 and len({r["target"] for r in splits["test"]}) == 10
 
@@ -83,7 +84,6 @@ def test_held_out_problems_share_no_values_and_target_with_a_training_problem(ca
 def test_the_old_split_by_ranks_would_have_leaked():
     # the check above can fail: splitting the same hands by their ranks (the way they were split
     # before) leaves test hands whose values and target a training hand has
-    import itertools
     rng = random.Random(0)
     hands = data.all_hands(3)
     rng.shuffle(hands)
@@ -91,7 +91,6 @@ def test_the_old_split_by_ranks_would_have_leaked():
     key = lambda hand: data.problem_key(hand, 10)
     assert {key(h) for h in test} & {key(h) for h in train}
     assert data.problem_key(("5", "5", "J"), 10) == data.problem_key(("10", "5", "5"), 10) != data.problem_key(("5", "5", "J"), 11)
-    assert len(list(itertools.chain(test, train))) == 455
 
 
 @pytest.mark.parametrize("spec,targets", [(24, [24]), ("24", [24]), ("6-15", list(range(6, 16))), ("10,12,24", [10, 12, 24])])
@@ -326,7 +325,8 @@ def test_plain_prompt_states_the_task_and_its_demonstration_verifies():
     ("\\boxed{(10 - 4) \\times (2 + 2)}", 1.0),                           # LaTeX operators
     ("\\boxed{(10-4)*(2+2)} or maybe \\boxed{10+4+2+2}", 0.0),            # only the last box counts
     ("\\boxed{(10-4)*(2+2)", 0.0),                                        # an unclosed box is no answer
-    ("First: (10-4)*(2+2)", 0.0),                                         # no box: the first line only
+    ("I think\n(10-4)*(2+2)", 0.0),                                      # no box: the first line only
+    ("First: (10-4)*(2+2)", 1.0),                                         # ... after its last ':' (a reading, a label)
     ("\\boxed{24}", 0.0),                                                 # the value is not a formula
 ])
 def test_general_points_verifier_reads_the_last_box(completion, expected):
