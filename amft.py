@@ -41,6 +41,9 @@ Where this departs from the paper (and the authors' code), and why:
    (gradient ascent on the loss). We ascend the validation *utility* U: dU/dmu > 0 moves mu up.
 2. Scale of the meta step. The raw dU/dmu is proportional to alpha and tiny; we divide it by
    its running RMS (bias-corrected, like Adam's second moment), so eta_meta is in units of mu.
+   A silent dU/dmu, over validation groups whose rewards are all equal (A = 0 everywhere, so
+   exactly 0), is counted (`meta_silent`) and skipped: it neither moves mu nor enters the RMS,
+   which zeros would shrink until the next real value is scaled up several times over.
 3. The look-ahead is one plain gradient step of size alpha (default: the learning rate), even
    though the real update is AdamW.
 4. One policy update per batch of rollouts, so pi_old = pi_theta (detached) and rho = 1 at the
