@@ -14,8 +14,9 @@ results.md (ID/OOD accuracy mean +- std over seeds, each method's difference fro
 by seed with a 95% bootstrap interval, samples, wall time) and, when
 matplotlib is installed, comparison.png: mu over steps for amft and its ablations, entropy
 against its target, and validation accuracy against samples seen for every method. On a
-2-core CPU, one seed of the 9 methods takes about 10 minutes with --jobs 2 (the sum of their
-runs' times, measured, halved).
+2-core CPU with --jobs 2, a 300-step run takes 40-220 s on its one thread (sft least, the RL rows
+most); one seed of amft, fixed-mix, sft, sft-grpo, grpo and two formula-only rows took about 9
+minutes.
 """
 import _thread
 import argparse
@@ -62,9 +63,13 @@ def paired_difference(base, other, reps=10_000, seed=0):
 
 
 def difference(base, other) -> str:
+    """'+0.012 [-0.004, +0.030]'; 'both 0' when every run of both rows scored 0: no difference
+    can be measured at the floor, and '+0.000 [+0.000, +0.000]' would read as a precise tie."""
     mean, ci = paired_difference(base, other)
     if mean is None:
         return "n/a"
+    if not any(x for x in [*base, *other] if x is not None):
+        return "both 0"
     return f"{mean:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
 
 

@@ -264,6 +264,7 @@ def test_compare_quick_writes_table_and_figure(tmp_path):
     assert [r["summary"]["seed"] for r in more["sft"]] == [0, 1, 2] and (tmp_path / "sft-seed2" / "summary.json").exists()
     assert "(1 runs trained, 2 reused)" in (tmp_path / "results.md").read_text()
     assert compare.mean_std([0.25]) == "0.250" and compare.mean_std([0.25, 0.75]) == "0.500 ± 0.354"  # one seed: no "± 0.000"
+    assert compare.difference([0.0, 0.0], [0.0, 0.0]) == "both 0" and compare.difference([0.0, 0.0], [0.0, 0.1]).startswith("+0.050 [")
 
 
 def test_a_compare_worker_is_interrupted_once_its_parent_is_gone():
