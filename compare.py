@@ -149,6 +149,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="SFT warm-up steps (default 100; --quick: 40)")
     p.add_argument("--batch-size", type=int, default=16, help="B: prompts per step")
     p.add_argument("--group-size", type=int, default=4, help="G: samples per prompt (the default run's)")
+    p.add_argument("--model", default="tiny-base", help="the model every run starts from (default: the tiny base)")
+    p.add_argument("--recipe", default="auto", help="train.py's --recipe (auto: tiny for tiny and tiny-base, else pretrained)")
     p.add_argument("--target", default=None, help="General Points target(s), as train.py --target (default: the tiny "
                    "recipe's 6-15)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation checks (default steps/10)")
@@ -172,7 +174,8 @@ def main(argv=None):
     runs = {(method, seed): os.path.join(out, f"{method.replace('@', '_').replace('=', '').replace(',', '_')}-seed{seed}")
             for seed in range(seeds) for method in methods}  # seed by seed: a comparison cut short has whole seeds
     todo = [key for key, run in runs.items() if not os.path.isfile(os.path.join(run, "summary.json"))]  # a finished run is reused
-    target = a.target or train.RECIPES["tiny"]["target"]
+    recipe = a.recipe if a.recipe != "auto" else ("tiny" if a.model in ("tiny", "tiny-base") else "pretrained")
+    target = a.target or train.RECIPES[recipe]["target"]
     for key, run in runs.items():  # ... if it is a run of this task
         if key not in todo and str(json.load(open(os.path.join(run, "config.json"))).get("target")) != str(target):
             raise SystemExit(f"error: {run} was trained with another --target than {target}; use another --out")
@@ -182,7 +185,8 @@ def main(argv=None):
             os.rename(runs[key], f"{runs[key]}.incomplete-{time.strftime('%H%M%S')}")
     configs = {(m, seed): train.Config(method=entries[m][0], seed=seed, steps=steps, warmup=warmup, batch_size=a.batch_size,
                                        group_size=a.group_size, eval_every=eval_every, save_every=0, out=runs[m, seed],
-                                       **{"target": a.target, **entries[m][1]}) for m, seed in todo}
+                                       **{"model": a.model, "recipe": a.recipe, "target": a.target, **entries[m][1]})
+               for m, seed in todo}
     if a.jobs == 1:
         for key in todo:
             train.main(configs[key])

@@ -27,6 +27,7 @@ exploit it. Input length, brace nesting and digit counts are capped, so any inpu
 Run `python -m pytest test_tasks.py` for the tests of both.
 """
 import ast
+import gc
 import logging
 import re
 import signal
@@ -277,6 +278,8 @@ def math_verify_match(pred: str, truth: str) -> bool:
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns when we time it ourselves
     timed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
     limit = None if timed else 1
+    collecting = gc.isenabled()
+    gc.disable()  # a garbage collection of a large heap is not math-verify's time, and the timer must not fire inside one
     if timed:  # math-verify catches exceptions and tries again: the timer repeats until we are out
         previous = signal.signal(signal.SIGALRM, _out_of_time)
         _timing[0] = True
@@ -292,6 +295,8 @@ def math_verify_match(pred: str, truth: str) -> bool:
             _timing[0] = False
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+        if collecting:
+            gc.enable()
 
 
 def _brace_depth(s: str) -> int:

@@ -23,7 +23,7 @@ import torch
 import model as policy
 import train
 
-from conftest import HERE, SMALL, run, run_cli
+from conftest import HERE, SMALL, WARM_TASK, run, run_cli
 
 
 def test_cli_smoke_run_writes_outputs(tmp_path):
@@ -235,10 +235,11 @@ def test_lora_run_trains_adapters_only_and_saves_a_merged_model(tmp_path, tiny_p
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
-def test_compare_quick_writes_table_and_figure(tmp_path):
+def test_compare_quick_writes_table_and_figure(tmp_path, warm_path):
     import compare
+    task = ["--model", warm_path, "--recipe", "tiny", "--target", WARM_TASK["target"]]  # a model that scores: differences to pair
     results = compare.main(["--quick", "--methods", "sft,amft", "--seeds", "2", "--steps", "3", "--warmup", "1", "--jobs", "2",
-                            "--batch-size", "2", "--group-size", "2", "--eval-every", "1", "--target", "10", "--out", str(tmp_path)])
+                            "--batch-size", "2", "--group-size", "2", "--eval-every", "1", *task, "--out", str(tmp_path)])
     assert set(results) == {"sft", "amft"} and all(len(r) == 2 for r in results.values())
     # --jobs 2: each run trained in a process of its own, its printout kept in its folder
     assert all("after training" in (tmp_path / f"{m}-seed{s}" / "train.log").read_text() for m in ("sft", "amft") for s in (0, 1))
@@ -251,6 +252,7 @@ def test_compare_quick_writes_table_and_figure(tmp_path):
     ids = {m: [r["summary"]["id_accuracy"] for r in results[m]] for m in ("sft", "amft")}
     assert f"{sum(ids['sft']) / 2 - sum(ids['amft']) / 2:+.3f} [" in sft_row  # the mean paired difference
     assert "`python compare.py --quick --methods sft,amft --seeds 2 --steps 3" in table and "(4 runs trained, 0 reused)" in table
+    assert all(0 < r["summary"]["id_accuracy"] for r in results["sft"])  # made non-trivial: the intervals pair real scores
     try:
         import matplotlib  # noqa: F401  (optional: without it the table is still written)
         assert (tmp_path / "comparison.png").stat().st_size > 10_000 and (tmp_path / "amft-seed1" / "curves.png").exists()
@@ -258,8 +260,7 @@ def test_compare_quick_writes_table_and_figure(tmp_path):
         assert not (tmp_path / "comparison.png").exists()
     # a finished run is reused, not trained again; a missing seed is trained (here in this process)
     before = (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime
-    more = compare.main(["--methods", "sft", "--seeds", "3", "--steps", "3", "--batch-size", "2", "--target", "10",
-                         "--out", str(tmp_path)])
+    more = compare.main(["--methods", "sft", "--seeds", "3", "--steps", "3", "--batch-size", "2", *task, "--out", str(tmp_path)])
     assert (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime == before
     assert [r["summary"]["seed"] for r in more["sft"]] == [0, 1, 2] and (tmp_path / "sft-seed2" / "summary.json").exists()
     assert "(1 runs trained, 2 reused)" in (tmp_path / "results.md").read_text()
