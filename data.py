@@ -196,9 +196,11 @@ def split_hands(hands, target, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_
     rng.shuffle(problems)
     n_test, n_val = max(1, int(len(problems) * test_frac)), max(1, int(len(problems) * val_frac))
     parts = {"test": problems[:n_test], "val": problems[n_test:n_test + n_val], "train": problems[n_test + n_val:]}
-    hands_of = {name: [(h, p[1]) for p in part
-                       for h in (by_problem[p] if name == "train" else rng.sample(by_problem[p], min(eval_hands, len(by_problem[p]))))]
-                for name, part in parts.items()}
+
+    def drawn(name, problem):  # every hand of a training problem; up to eval_hands of a held-out one's
+        all_ = by_problem[problem]
+        return all_ if name == "train" else rng.sample(all_, min(eval_hands, len(all_)))
+    hands_of = {name: [(h, p[1]) for p in part for h in drawn(name, p)] for name, part in parts.items()}
 
     def rows(name, rule, orders):
         return [r for h, t in hands_of[name] for r in general_points_rows([h], t, rule, rng, orders, style, demo)]
