@@ -287,8 +287,8 @@ class MuController:
         nothing changes and the step counts as rejected. silent: the meta-gradient was due, but
         every validation group's rewards were equal, so dU/dmu is exactly 0 and says nothing: it
         is counted (meta_silent) and treated as no meta-gradient, neither moving mu nor entering
-        the running RMS (ten such zeros would otherwise shrink the RMS and inflate the next real
-        value about 3x)."""
+        the running RMS (ten such zeros would otherwise shrink the RMS and scale the next real
+        value to 2.6)."""
         if silent:
             dU_dmu = None
         H_target = H if self.H_target is None else self.H_target  # the warmed-up policy's entropy

@@ -174,11 +174,12 @@ def main(argv=None):
     runs = {(method, seed): os.path.join(out, f"{method.replace('@', '_').replace('=', '').replace(',', '_')}-seed{seed}")
             for seed in range(seeds) for method in methods}  # seed by seed: a comparison cut short has whole seeds
     todo = [key for key, run in runs.items() if not os.path.isfile(os.path.join(run, "summary.json"))]  # a finished run is reused
-    recipe = a.recipe if a.recipe != "auto" else ("tiny" if a.model in ("tiny", "tiny-base") else "pretrained")
-    target = a.target or train.RECIPES[recipe]["target"]
+    wanted = train.Config(model=a.model, recipe=a.recipe, target=a.target)
+    train.resolve(wanted, cuda=False)  # the target the runs get: train.py's own rule
     for key, run in runs.items():  # ... if it is a run of this task
-        if key not in todo and str(json.load(open(os.path.join(run, "config.json"))).get("target")) != str(target):
-            raise SystemExit(f"error: {run} was trained with another --target than {target}; use another --out")
+        with open(os.path.join(run, "config.json")) if key not in todo else contextlib.nullcontext() as f:
+            if f and str(json.load(f).get("target")) != str(wanted.target):
+                raise SystemExit(f"error: {run} was trained with another --target than {wanted.target}; use another --out")
     t0 = time.time()
     for key in todo:
         if os.path.isdir(runs[key]):
