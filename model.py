@@ -8,7 +8,8 @@ and `AutoTokenizer.from_pretrained`: a hub id, a local directory, or a short ali
 Qwen2 (the architecture of Qwen2.5) with random weights and a character-level tokenizer,
 saves both with `save_pretrained`, and the trainer loads that folder like any other.
 
-Log-probs (one function for policy, old and reference):
+Log-probs (one function for policy, old and reference), computed a chunk of positions at a
+time so that no vocabulary-sized batch of logits is ever held whole:
     logp[b, t] = log softmax(logits[b, t] / temperature)[ids[b, t + 1]]
     entropy[b, t] = logsumexp(z) - sum softmax(z) * z,   z = logits[b, t] / temperature
 """
@@ -25,6 +26,7 @@ import weakref
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
 
 QWEN_SIZES = ["0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B"]
 ALIASES = {f"Qwen2.5-{s}{i}": f"Qwen/Qwen2.5-{s}{i}" for s in QWEN_SIZES for i in ("", "-Instruct")}
@@ -388,25 +390,67 @@ def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=
 
 
 # ---------------------------------------------------------------------------- log-probs
+CHUNK_VALUES = 2**25  # vocabulary-sized values (logits) token_logprobs holds at once: 128 MiB in float32
+
+
+@contextlib.contextmanager
+def hidden_states_out(model):
+    """Inside the block the model's forward returns its last hidden states where it returned
+    logits: its output layer (lm_head) is swapped for an identity and handed to the caller.
+    The forward stays the model's own (autocast under --amp, LoRA, FSDP's hooks)."""
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    parent, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent)
+    setattr(parent, attr, torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        setattr(parent, attr, head)
+
+
+def _chunk_logprobs(head, h, targets, temperature, with_entropy):
+    """(logp, entropy or None) of one chunk of positions, h (n, H) -> logits (n, V)."""
+    logits = head(h)
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (n, V)
+    lse = torch.logsumexp(z, -1)                                                   # (n,)
+    logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse                       # (n,)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        return logp, lse - (torch.softmax(z, -1) * z).sum(-1)
+
+
 def token_logprobs(model, ids, attn, temperature: float = 1.0, n_last=None, with_entropy=False):
     """Log-probs of the last n_last tokens of each row given their prefix, (N, n_last), in
     float32 (float64 for a float64 model); with_entropy=True returns (logp, entropy), the
     entropy of each of those next-token distributions, without an autograd graph (it is only
-    ever a metric or a stop-gradient weight). Only n_last + 1 positions of logits are computed
-    (the prompt's are never materialised)."""
+    ever a metric or a stop-gradient weight).
+
+    The logits are never materialised whole: the model returns its last hidden states (only the
+    n_last + 1 positions read), and the output layer runs on CHUNK_VALUES / V positions at a
+    time. With gradients on, each chunk is checkpointed: its backward recomputes that chunk's
+    logits rather than keeping them, so forward and backward alike hold one chunk of
+    vocabulary-sized values (one extra output-layer matmul per token in backward)."""
     n = ids.shape[1] - 1 if n_last is None else n_last
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate()
-    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=n + 1,
-                  use_cache=False)  # scoring needs no KV cache
-    logits = model(**inputs).logits
-    z = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (N, n, V)
-    lse = torch.logsumexp(z, -1)                                        # (N, n)
-    logp = z.gather(-1, ids[:, -n:, None]).squeeze(-1) - lse           # (N, n)
+    with hidden_states_out(model) as head:
+        hidden = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=n + 1,
+                       use_cache=False).logits                          # (N, n+1, H); scoring needs no KV cache
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])                     # (N*n, H)
+    targets = ids[:, -n:].reshape(-1)                                    # (N*n,)
+    rows = max(1, CHUNK_VALUES // model.config.vocab_size)
+    autocast = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=getattr(model, "amp", False))
+    pieces = []
+    with autocast:  # the output layer computes as it would inside the model's forward
+        for i in range(0, len(h), rows):
+            args = (head, h[i:i + rows], targets[i:i + rows], temperature, with_entropy)
+            pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+                          if torch.is_grad_enabled() else _chunk_logprobs(*args))
+    logp = torch.cat([p[0] for p in pieces]).view(len(ids), n)
     if not with_entropy:
         return logp
-    with torch.no_grad():
-        entropy = lse - (torch.softmax(z, -1) * z).sum(-1)             # (N, n)
-    return logp, entropy
+    return logp, torch.cat([p[1] for p in pieces]).view(len(ids), n)
 
 
 class DemoBatch(NamedTuple):

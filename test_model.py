@@ -35,6 +35,49 @@ def test_logprobs_match_model_cross_entropy(tiny64):
     torch.testing.assert_close(policy.token_logprobs(model, padded, pattn)[:, 3:], logp[:1])
 
 
+def plain_logprobs(model, ids, attn, temperature, n):
+    """token_logprobs as one vocabulary-sized batch: the formula the chunked code must equal."""
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=n + 1).logits
+    z = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    lse = torch.logsumexp(z, -1)
+    return z.gather(-1, ids[:, -n:, None]).squeeze(-1) - lse, lse - (torch.softmax(z, -1) * z).sum(-1)
+
+
+@pytest.mark.parametrize("dtype,amp", [(torch.float64, False), (torch.float32, False), (torch.float32, True)])
+def test_chunked_logprobs_equal_the_whole_batch_formula(tmp_path, monkeypatch, dtype, amp):
+    """Values, entropies and gradients equal the one-batch formula's, with many chunks of uneven
+    size (7 positions of a 500-token vocabulary each, 3 x 6 positions in all), at temperature 0.7,
+    for the policy (autograd) and under no_grad (old and reference log-probs)."""
+    path = policy.make_tiny_model(str(tmp_path / "m"), n_layer=2, n_embd=32, n_head=2, vocab_size=500)
+    model, _ = policy.load_policy(path, dtype=dtype, amp=amp)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 500, (3, 10))
+    attn = torch.ones_like(ids)
+    attn[0, :2] = 0  # a left-padded row
+    w = torch.randn(3, 6, dtype=torch.float64)
+    want_logp, want_ent = plain_logprobs(model, ids, attn, 0.7, 6)
+    (want_logp.double() * w).sum().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(policy, "CHUNK_VALUES", 7 * 500)
+    logp, ent = policy.token_logprobs(model, ids, attn, 0.7, n_last=6, with_entropy=True)
+    (logp.double() * w).sum().backward()
+    exact = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else {}
+    torch.testing.assert_close(logp, want_logp, **exact)
+    torch.testing.assert_close(ent, want_ent.detach(), **exact)
+    assert not ent.requires_grad and want_logp.std() > 0.1  # distinct values: not equal by being constant
+    head = model.get_output_embeddings().weight
+    for p, g in zip(model.parameters(), want_grads):
+        if amp and p is head:  # bfloat16 matmuls: each chunk's share of the output layer's gradient is rounded apart
+            assert (p.grad - g).norm() < 1e-2 * g.norm()  # (both are 3e-3 from float64's in norm)
+        else:
+            torch.testing.assert_close(p.grad, g, **exact)
+    assert max(g.abs().max() for g in want_grads) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(policy.token_logprobs(model, ids, attn, 0.7, n_last=6), want_logp.detach(), **exact)
+
+
 def test_logprobs_of_last_tokens_only(tiny64):
     model, tok = tiny64
     ids = torch.randint(3, len(tok), (2, 12))
