@@ -6,6 +6,7 @@ a GPU, the tiny model on a CPU.
     python bench.py            # full settings on a GPU; CPU-sized settings on a CPU
     python bench.py --quick    # seconds: what the test suite runs
     python bench.py --trl      # also TRL's GRPOTrainer at the step settings (pip install trl)
+    python bench.py --memory   # only memory: what a run needs, 0.5B to 7B, computed on a CPU
 
 Rows of the table:
   decode      ms per decode step and tokens/s at B sequences: transformers generate() (the
@@ -21,9 +22,10 @@ Rows of the table:
               model's recipe: fixed-mix, and amft with each meta-gradient estimator; amft
               runs take dU/dmu every other step, so one run gives the plain step and the
               meta step; "every K" is (K - 1 plain + 1 meta) / K. Per-phase seconds and peak.
-  memory      peak memory of a 3-step run of the whole loop on the Qwen2.5-0.5B shape, with the
-              first-order and the autograd meta-gradient, in bytes per parameter: peak RSS on
-              a CPU (--memory; about 8 minutes on 2 cores). On a GPU the step rows give it.
+  memory      (--quick) amft's step replayed on the tiny shape with live-tensor accounting;
+              --memory prints only the memory tables: the same replay at the pretrained
+              recipe's sizes, by phase and by kind for 0.5B, and the peak of each Qwen2.5 size
+              from 0.5B to 7B, full fine-tuning and LoRA (memory.py; no GPU needed).
   TRL         GRPOTrainer (--trl): the same model, prompts, B x G and new tokens, bf16 autocast
               and gradient checkpointing, seconds per step after the first, in its own process.
 """
@@ -162,25 +164,14 @@ def bench_steps(model_name, device, steps, B, G, C, sampler, runs=RUNS):
     return out
 
 
-def bench_memory(model_name, device, estimators=("first-order", "autograd")):
-    """Peak memory of a short whole-loop run (3 steps, the meta-gradient on the last 2), each
-    estimator in its own process: peak RSS on a CPU, max allocated on a GPU, in bytes per
-    parameter (summary.json's bytes_per_param)."""
-    rows = []
-    for meta_grad in estimators:
-        with tempfile.TemporaryDirectory(prefix="amft-bench-") as tmp:
-            cmd = [sys.executable, os.path.abspath(__file__).replace("bench.py", "train.py"),
-                   "--model", model_name, "--steps", "3", "--warmup", "1", "--batch-size", "2", "--group-size", "2",
-                   "--max-new-tokens", "8", "--meta-every", "1", "--meta-grad", meta_grad, "--val-prompts", "1",
-                   "--skip-test", "--device", device, "--out", os.path.join(tmp, "run")]  # the recipe's precision
-            t = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}")
-            with open(os.path.join(tmp, "run", "summary.json")) as f:
-                s = json.load(f)
-            rows.append((meta_grad, s["peak_memory_gib"], s["bytes_per_param"], time.perf_counter() - t))
-    return rows
+def bench_memory_quick():
+    """The memory replay (memory.py) on the tiny model's shape at small sizes: what --quick checks."""
+    import memory
+    cfg = memory.recipe_config(meta_grad="autograd", batch_size=2, group_size=2, max_new_tokens=8, val_prompts=1,
+                               micro_batch=2)
+    shape = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
+                 intermediate_size=256, vocab_size=len(policy.TINY_CHARS) + 3, tie_word_embeddings=True)
+    return memory.peak(memory.step_memory(shape, cfg, prompt_tokens=16, demo_tokens=8))
 
 
 def trl_step(model_path, B, G, C, steps):
@@ -241,12 +232,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings: seconds on a CPU")
     p.add_argument("--compile", action="store_true", help="also time the compiled sampler on a CPU (slow to build)")
-    p.add_argument("--memory", action="store_true", help="also measure peak memory of the random-0.5b loop on a CPU "
-                   "(two runs of ~4 minutes and ~16 GiB each)")
+    p.add_argument("--memory", action="store_true", help="only the memory tables: amft's step replayed with live-tensor "
+                   "accounting at the pretrained recipe's sizes for Qwen2.5 0.5B to 7B (memory.py; no GPU needed, ~5 minutes)")
     p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer at the step settings (needs trl, datasets)")
     p.add_argument("--json", default="", help="also write every figure to this JSON file")
     p.add_argument("--trl-step", nargs=5, help=argparse.SUPPRESS)  # bench_trl's child process
     a = p.parse_args(argv)
+    if a.memory:
+        import memory
+        result = memory.report()
+        print(result["tables"])
+        return result
     if a.trl_step:
         path, *sizes = a.trl_step
         print(json.dumps(trl_step(path, *map(int, sizes))))
@@ -298,10 +294,7 @@ def main(argv=None):
         say(f"steps: {result['steps']}")
         if cuda:
             torch.cuda.empty_cache()  # what our runs cached, free for TRL's process
-        result["memory_model"] = "random-0.5b" if a.memory else "tiny"
-        result["memory"] = bench_memory(result["memory_model"], device,
-                                        ("autograd",) if a.quick else ("first-order", "autograd")) \
-            if (a.memory or a.quick) and not cuda else []
+        result["memory"] = bench_memory_quick() if a.quick else None
         result["trl"] = bench_trl(model_name if big else tiny_folder(folder), sB, sG, sC) \
             if a.trl else None
         say(f"trl: {result['trl']}")
@@ -343,8 +336,9 @@ def table(r, B, P, C, N, T, sB, sG, sC, cuda) -> str:
             t = s["meta"] if K == 1 else (s["plain"] * (K - 1) + s["meta"]) / K
             lines.append(f"| step: {label}, meta every {K if K > 1 else 'step'} | {t:.3f} s"
                          + (f" ({phases}){memory}" if K == 1 else "") + f" | {t / fixed:.2f}x fixed-mix |")
-    lines += [f"| memory: {r['memory_model']} loop, meta-grad {est}, B=2 x G=2 | {gib:.2f} GiB {where}, {bpp:.1f} bytes/param "
-              f"({sec:.0f} s) | |" for est, gib, bpp, sec in r["memory"]]
+    if r["memory"] is not None:
+        lines.append(f"| memory: tiny shape, amft step replayed (memory.py), B=2 x G=2 x 8 new | {r['memory'] / 2**20:.1f} MiB "
+                     "of live tensors at the peak | |")
     trl = r["trl"]
     if trl is None:
         lines.append("| TRL GRPOTrainer | not run (--trl) | |")

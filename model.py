@@ -134,6 +134,13 @@ def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, 
     if tok.pad_token is None:  # Qwen base and many others: pad with EOS, masks never read pad
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # prompts end at the same column, so completions start together
+    return prepare(model, device, lora_r, grad_ckpt, amp), tok
+
+
+def prepare(model, device="cpu", lora_r=0, grad_ckpt=False, amp=False):
+    """A loaded model made ready to train as the flags say: LoRA adapters, gradient checkpointing,
+    bfloat16 autocast (amp), on `device`. (load_policy's last step; memory.py's too, on models
+    built without weights.)"""
     embed = model.get_input_embeddings()
     if getattr(embed, "padding_idx", None) is not None:
         embed.padding_idx = None  # pad can be sampled: its embedding row must get its gradient too
@@ -149,7 +156,7 @@ def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, 
     if amp:  # bound to the model, so a deepcopy (the KL reference) rebinds it to the copy
         model.forward = types.MethodType(torch.autocast(torch.device(device).type, dtype=torch.bfloat16)(type(model).forward), model)
         model.amp = True
-    return model.to(device), tok
+    return model.to(device)
 
 
 def set_checkpointing(model, on: bool):
@@ -331,14 +338,12 @@ def bf16_copy(model):
     bfloat16 rounding of the one the log-probs score; the GRPO ratio is taken against log-probs
     recomputed by the training forward, as with any separate inference engine."""
     twin = _bf16_copies.get(model)
-    if twin is None:
-        twin = copy.deepcopy(model)
+    if twin is None:  # a deepcopy whose tensors are given: bfloat16 casts of the weights (never a float32 copy)
+        memo = {id(p): torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False) for p in model.parameters()}
+        memo.update({id(b): b.clone() for b in model.buffers()})
+        twin = copy.deepcopy(model, memo)
         twin.__dict__.pop("forward", None)  # no autocast wrapper: it computes in bfloat16 throughout
         twin.amp = False
-        for p in twin.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-            p.data = p.data.to(torch.bfloat16)
         twin.eval()
         _bf16_copies[model] = twin
     for mine, theirs in zip(twin.parameters(), model.parameters()):

@@ -147,8 +147,9 @@ def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo
     """Accumulate grad L_RL over micro-batches. Returns {loss, entropy (the rollouts' mean token
     entropy, free from the same logits), clip_frac, kl}. With demos (srft, luffy) the
     demonstrations (A_demo not None) are off-policy members of their groups, inside the same
-    token-level mean."""
+    token-level mean. A and A_demo may come from the rewards on the CPU: they move to the model's device."""
     ids, attn, mask, C = roll.ids, roll.attn, roll.mask, roll.mask.shape[1]
+    A, A_demo = A.to(ids.device), None if A_demo is None else A_demo.to(ids.device)
     n_tokens = parallel.total(mask.sum())  # the token counts of every process: each loss is its share
     demos = demos if A_demo is not None else None
     denom = n_tokens + (parallel.total(demos.mask.sum()) if demos is not None else 0)
@@ -174,22 +175,28 @@ def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo
 
 
 def meta_gradient(model, tok, rows, *, params, g_rl, g_sft, mu, alpha, cfg, eos):
-    """dU/dmu on fresh validation rollouts from pi_theta, by the estimator --meta-grad, in
-    micro-batches of --micro-batch sequences. Returns dU/dmu (None when it is silent: every
-    validation group's rewards are equal) and the validation reward."""
+    """dU/dmu on fresh validation rollouts from pi_theta (dU_dmu). Returns dU/dmu (None when it
+    is silent: every validation group's rewards are equal) and the validation reward."""
     roll, r = rollouts(model, tok, parallel.strided(rows), cfg, eos)            # this process's validation prompts
     A = amft.group_advantages(r)[0].flatten()                                  # (B_val * G,)
-    ids, attn, mask, N = roll.ids, roll.attn, roll.mask, parallel.total(len(roll.texts))
+    N = parallel.total(len(roll.texts))
+    reward = parallel.total(r.sum().item()) / N
     if parallel.total(float(A.abs().sum() > 0)) == 0:  # every group's rewards equal: dU/dmu = 0 exactly, no signal
-        return None, parallel.total(r.sum().item()) / N
+        return None, reward
+    return dU_dmu(model, roll, A, N, params=params, g_rl=g_rl, g_sft=g_sft, mu=mu, alpha=alpha, cfg=cfg), reward
+
+
+def dU_dmu(model, roll, A, N, *, params, g_rl, g_sft, mu, alpha, cfg):
+    """dU/dmu from validation rollouts and their advantages A (B_val * G,), N rollouts over all
+    processes, by the estimator --meta-grad, in micro-batches of --micro-batch sequences."""
+    ids, attn, mask = roll.ids, roll.attn, roll.mask
 
     def U(sl):  # this micro-batch's share of the policy-gradient surrogate of validation reward
         logp = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=mask.shape[1])
         return amft.policy_gradient_surrogate(logp, A[sl].to(logp), mask[sl], n=N)
     estimator = amft.META_GRADS[cfg.meta_grad]
     dU = estimator(U, params=params, g_rl=g_rl, g_sft=g_sft, mu=mu, alpha=alpha, chunks=slices(len(ids), cfg.micro_batch))
-    dU = parallel.reduced_by_fsdp(parallel.total(dU))  # U's shares add up, and so do their derivatives
-    return dU, parallel.total(r.sum().item()) / N
+    return parallel.reduced_by_fsdp(parallel.total(dU))  # U's shares add up, and so do their derivatives
 
 
 def next_rows(train_rows, state, rng, B, tok, chat):
@@ -355,7 +362,7 @@ def main(cfg: Config):
                 A, A_demo, m["frac_zero_std"] = amft.advantages(r, demo_rewards(rows, method, cfg.verifier))  # (B*G,), (B,)
                 A, A_demo = parallel.share(A.view(len(rows), -1)).flatten(), A_demo if A_demo is None else parallel.share(A_demo)
                 ref_model = reference(model, ref_model, cfg.beta)
-                rl = rl_backward(model, ref_model, roll, A=A.to(device), cfg=cfg, shaped=method.shaped, demos=demos, A_demo=A_demo)
+                rl = rl_backward(model, ref_model, roll, A=A, cfg=cfg, shaped=method.shaped, demos=demos, A_demo=A_demo)
                 g_rl, H = parallel.sum_grads_(take_grads(params)), rl.pop("entropy")
                 m.update(rl_loss=rl.pop("loss"), entropy=H, reward_mean=r.mean().item(), reward_std=r.std().item(),
                          completion_len=parallel.total(roll.mask.sum().item()) / r.numel(), **rl)
