@@ -380,6 +380,13 @@ def load_task(task: str, seed: int = 0, cards: int = 3, target=10, style: str = 
     return math_task(task, seed)
 
 
+def drop_long_demos(rows, n_tokens, limit: int):
+    """(the rows whose demonstration is at most `limit` tokens, the indices of the others).
+    n_tokens(texts) counts each text's tokens; limit 0 keeps every row."""
+    lengths = n_tokens([r["demo"] for r in rows]) if limit and rows else [0] * len(rows)
+    return [r for r, n in zip(rows, lengths) if n <= limit or not limit], [i for i, n in enumerate(lengths) if limit and n > limit]
+
+
 def _has_cards(path: str) -> bool:
     with open(path) as f:
         head = f.read(4096)

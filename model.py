@@ -445,9 +445,9 @@ def token_logprobs(model, ids, attn, temperature: float = 1.0, n_last=None, with
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])                     # (N*n, H)
     targets = ids[:, -n:].reshape(-1)                                    # (N*n,)
     rows = max(1, CHUNK_VALUES // model.config.vocab_size)
-    autocast = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=getattr(model, "amp", False))
+    amp = getattr(model, "amp", False)  # the output layer computes as it would inside the model's forward
     pieces = []
-    with autocast:  # the output layer computes as it would inside the model's forward
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
         for i in range(0, len(h), rows):
             args = (head, h[i:i + rows], targets[i:i + rows], temperature, with_entropy)
             pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)

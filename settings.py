@@ -25,9 +25,10 @@ def arg(default, help):
 # id, alias or folder) gets the paper's settings (lr 1e-6, warm-up 50, K = 20) and the task in
 # plain words. Every flag given explicitly wins; config.json keeps the resolved values.
 RECIPES = {
-    "tiny": dict(steps=700, warmup=450, batch_size=16, group_size=4, gp_new_tokens=24, lr=1e-3, micro_batch=0,
+    "tiny": dict(steps=700, warmup=450, batch_size=16, group_size=4, gp_new_tokens=24, max_demo_tokens=128, lr=1e-3, micro_batch=0,
                  grad_ckpt=False, amp=False, meta_every=10, cards=3, target="6-15", prompt="compact", eval_batch=64),
-    "pretrained": dict(steps=500, warmup=50, batch_size=8, group_size=8, gp_new_tokens=256, lr=1e-6, micro_batch=16,
+    "pretrained": dict(steps=500, warmup=50, batch_size=8, group_size=8, gp_new_tokens=256, max_demo_tokens=1024, lr=1e-6,
+                       micro_batch=16,
                        grad_ckpt=True, amp="on CUDA", meta_every=20, cards=4, target="24", prompt="plain",
                        eval_batch=32),
 }
@@ -73,6 +74,8 @@ class Config:
     batch_size: int = arg(None, "B: prompts per step (each has a demonstration)")
     group_size: int = arg(None, "G: completions sampled per prompt")
     max_new_tokens: int = arg(0, "longest completion in tokens; 0 = general-points 24 (tiny) or 256 (pretrained), math 512")
+    max_demo_tokens: int = arg(None, "longest demonstration in tokens, its end token included: a training row with a longer "
+                               "one is dropped (the run says which), so no data file can run the SFT batch out of memory; 0 = no limit")
     temperature: float = arg(1.0, "sampling temperature; log-probs use the same one")
     # optimizer and memory
     lr: float = arg(None, "AdamW learning rate")
@@ -146,7 +149,7 @@ def check(cfg: Config):
         (0 <= cfg.H_target_ema <= 1, "--H-target-ema must be in [0, 1]"),
         (cfg.group_size >= 2, "--group-size (G) must be at least 2: advantages compare samples of one prompt"),
         (cfg.steps >= 1 and cfg.batch_size >= 1 and cfg.max_new_tokens >= 0, "--steps and --batch-size must be >= 1"),
-        (min(cfg.warmup, cfg.micro_batch, cfg.pass_k, cfg.save_every, cfg.lora_r) >= 0, "counts must be >= 0"),
+        (min(cfg.warmup, cfg.micro_batch, cfg.pass_k, cfg.save_every, cfg.lora_r, cfg.max_demo_tokens) >= 0, "counts must be >= 0"),
         (min(cfg.meta_every, cfg.eval_every, cfg.val_prompts, cfg.eval_batch, cfg.max_bad_steps) >= 1,
          "--meta-every, --eval-every, --val-prompts, --eval-batch, --max-bad-steps must be >= 1"),
         (0 < cfg.temperature < math.inf and 0 < cfg.lr < math.inf, "--temperature and --lr must be finite and > 0"),

@@ -303,8 +303,7 @@ def test_bench_quick_prints_every_row():
     assert fixed["meta"] is None and fixed["phases"]["meta"] is None and amft["meta"] > 0 and amft["phases"]["meta"] > 0
     assert all(v > 0 for k, v in amft["phases"].items()) and 0 < fixed["plain"] < amft["meta"]
     assert "x fixed-mix" in result["table"] and "x generate" in result["table"] and "meta every 20" in result["table"]
-    (estimator, gib, bytes_per_param, _), = result["memory"]  # the tiny model's whole loop, in its own process
-    assert estimator == "autograd" and 0.1 < gib < 8 and bytes_per_param > 20 and "bytes/param" in result["table"]
+    assert 0 < result["memory"] < 2**30 and "MiB of live tensors" in result["table"]  # the replayed step (memory.py)
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +362,15 @@ def test_a_pretrained_like_checkpoint_trains_evaluates_and_resumes(tmp_path, ins
     assert json.loads((out / "summary.json").read_text())["id_accuracy"] is not None
     train.main(train.parse_args(["--resume", str(out), "--steps", "4"]))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    # the chat template was chosen by the name 'Tiny-Instruct'; RUN/model has no such name, and
+    # config.json keeps the decision, so an eval-only of it scores the prompts the run was scored on
+    assert config["chat"] == "on"
+    scored = json.loads((out / "summary.json").read_text())
+    again = train.main(train.parse_args(["--eval-only", "--model", str(out / "model"), "--out", str(tmp_path / "eval")]))
+    assert again["test_prompts_crc32"] == scored["test_prompts_crc32"]
+    bare = train.main(train.parse_args(["--eval-only", "--model", str(out / "model"), "--task", str(hands), "--chat", "off",
+                                        "--out", str(tmp_path / "eval-bare")]))
+    assert bare["test_prompts_crc32"] != scored["test_prompts_crc32"]  # without the template: other prompts
     for precision in (["--dtype", "bfloat16"], ["--amp"]):  # on a CPU too (in this process: the command line ran above)
         summary = train.main(train.parse_args(["--model", instruct_path, *budget, *precision, "--skip-test", "--out",
                                                str(tmp_path / precision[-1])]))
@@ -422,3 +430,22 @@ def test_a_run_from_before_the_split_by_problem_is_not_resumed_and_is_scored_wit
     (run_dir / "config.json").write_text(json.dumps(old))
     train.parse_args(["--eval-only", "--model", str(run_dir)])
     assert "predates" not in capsys.readouterr().err
+
+
+def test_long_demonstrations_are_dropped_at_the_door(tmp_path, tiny_path, capsys):
+    """A file whose every fourth answer is 600 characters long: with --max-demo-tokens 100 those
+    training rows are dropped, the run names them, and trains on the rest."""
+    import data
+    from conftest import write_jsonl
+    rows = [{"question": f"What is {a} plus {a}?", "answer": ("Think. " * 84 if a % 4 == 0 else "") + f"#### {2 * a}"}
+            for a in range(1, 41)]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    long_in_train = [i for i, r in enumerate(data.load_task(path, 0)["train"]) if len(r["demo"]) >= 100]
+    assert long_in_train
+    summary, lines, _ = run(tmp_path, model=tiny_path, task=path, steps=2, warmup=1, max_demo_tokens=100, **SMALL)
+    said = capsys.readouterr().out
+    assert f"dropped {len(long_in_train)} training rows" in said and ", ".join(map(str, long_in_train[:3])) in said
+    assert summary["steps"] == 2 and len(lines) == 2
+    kept, dropped = data.drop_long_demos([{"demo": "ab"}, {"demo": "abcd"}], lambda ts: [len(t) for t in ts], 3)
+    assert (kept, dropped) == ([{"demo": "ab"}], [1])
+    assert data.drop_long_demos([{"demo": "abcd"}], lambda ts: [len(t) for t in ts], 0) == ([{"demo": "abcd"}], [])

@@ -238,3 +238,52 @@ def test_held_out_accuracy_is_its_two_parts_scored_apart(warm_path):
     assert scores["id_accuracy"] == pytest.approx(whole, abs=2 / len(test))
     gsm = [{"prompt": "1+1=", "demo": "7919", "answer": "7919"}]  # rows without cards: one part, no breakdown
     assert train.held_out_accuracy(model, tok, {"test": gsm}, cfg, tok.eos_token_id) == {"id_accuracy": 0.0, "ood_accuracy": None}
+
+
+@pytest.mark.parametrize("method", ["srft", "luffy", "amft"])
+def test_the_losses_get_every_tensor_on_the_models_device(tiny_path, method):
+    """The model and its inputs on the 'meta' device (shapes, no data: a stand-in for a GPU that a
+    CPU can run), and the advantages as the loop makes them, from rewards on the CPU: rl_backward
+    and sft_backward must move what they are given, or an op mixes devices and raises."""
+    import memory
+    model, _ = policy.load_policy(tiny_path)
+    model = model.to("meta")
+    cfg = train.Config(model="tiny", recipe="tiny", method=method, micro_batch=2)
+    train.resolve(cfg, cuda=False)
+    B, G, P, C, D = 2, 2, 5, 4, 3
+    rand = lambda *shape: torch.randint(3, 50, shape, device="meta")
+    roll = policy.Rollout(rand(B * G, P), torch.ones(B * G, P, dtype=torch.long, device="meta"), rand(B * G, C),
+                          torch.ones(B * G, C, device="meta"), [""] * (B * G))
+    demos = policy.DemoBatch(rand(B, P + D), torch.ones(B, P + D, dtype=torch.long, device="meta"), torch.ones(B, D, device="meta"))
+    way = amft.METHODS[method]
+    A, A_demo, _ = amft.advantages(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.ones(B) if way.demo_in_group else None)
+    assert A.device.type == "cpu" and (A_demo is None or A_demo.device.type == "cpu")
+    with memory.LiveBytes(placeholders=True):  # the losses' .item() reads 0 from data-less tensors
+        train.rl_backward(model, None, roll, A.flatten(), cfg, shaped=way.shaped, demos=demos, A_demo=A_demo)
+        train.sft_backward(model, demos, cfg.micro_batch)
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+
+
+def test_out_of_memory_says_where_and_what_to_change_and_keeps_the_checkpoint(tmp_path, tiny_path, monkeypatch):
+    """A CUDA out-of-memory error raised inside the RL backward of step 2 (a CPU cannot run out of
+    GPU memory, so the error is raised where the allocation would fail): the message names the
+    phase and the flags, and the checkpoint saved after step 1 loads as it was."""
+    import checkpoint
+    real, calls = policy.token_logprobs, []
+
+    def token_logprobs(*args, **kw):
+        calls.append(1)
+        if len(calls) > 1:  # grpo, one micro-batch: one call a step
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kw)
+    with pytest.raises(torch.cuda.OutOfMemoryError) as caught:
+        monkeypatch.setattr(policy, "token_logprobs", token_logprobs)
+        run(tmp_path, model=tiny_path, method="grpo", steps=3, save_every=1, **SMALL)
+    message = train.out_of_memory(caught.value)
+    assert message.startswith("out of GPU memory during the RL backward") and "--micro-batch" in message
+    assert "\n" not in message and "--lora-r" in message and "--max-new-tokens" in message
+    monkeypatch.setattr(policy, "token_logprobs", real)
+    model, _ = policy.load_policy(tiny_path)
+    opt = torch.optim.AdamW(model.parameters())
+    state, _ = checkpoint.load_checkpoint(str(tmp_path / "run" / "checkpoint"), model, opt)
+    assert state["step"] == 1

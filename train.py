@@ -235,6 +235,26 @@ def count_bad_steps(state, skipped: bool, limit: int):
                             f"(try a lower --lr or --dtype float32)")
 
 
+PHASES = {"rollouts": "sampling rollouts", "rl_backward": "the RL backward", "sft_backward": "the SFT backward",
+          "meta_gradient": "the meta-gradient", "evaluate": "evaluation", "step": "the optimizer step",
+          "load_policy": "loading the model"}  # function -> what the loop was doing, for out_of_memory
+
+
+def out_of_memory(e: BaseException) -> str:
+    """A CUDA out-of-memory error in one line: where it happened (the innermost loop function in
+    its traceback), the peak and the device's memory, and the flags that need less."""
+    tb, where = e.__traceback__, "training"
+    while tb is not None:
+        where = PHASES.get(tb.tb_frame.f_code.co_name, where)
+        tb = tb.tb_next
+    peak = total = float("nan")
+    if torch.cuda.is_available():
+        peak, total = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30
+    return (f"out of GPU memory during {where} (peak {peak:.1f} of {total:.1f} GiB allocated); the last checkpoint is "
+            "intact. Try a smaller --micro-batch or --max-new-tokens, --lora-r 16, or --grad-ckpt (python bench.py "
+            "--memory shows what each model size needs)")
+
+
 # ---------------------------------------------------------------------------- the run
 def main(cfg: Config):
     t_start = time.time()
@@ -270,6 +290,12 @@ def main(cfg: Config):
         torch.manual_seed(parallel.own_seed(cfg.seed))  # each process samples completions of its own
         if cfg.fsdp:
             parallel.shard(model)
+    if not cfg.eval_only:  # SFT batches hold whole demonstrations: the long ones go at the door
+        count = lambda texts: [len(ids) + 1 for ids in tok(texts, add_special_tokens=False).input_ids]  # + the end token
+        splits["train"], dropped = data.drop_long_demos(splits["train"], count, cfg.max_demo_tokens)
+        if dropped:
+            print(f"--max-demo-tokens {cfg.max_demo_tokens}: dropped {len(dropped)} training rows whose demonstration is "
+                  f"longer (rows {', '.join(map(str, dropped[:10]))}{' ...' if len(dropped) > 10 else ''} of the training split)")
     sizes = f"{len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test rows"
     if cfg.fsdp and min(cfg.val_prompts, len(splits["val"]) or 1) % parallel.world():  # FSDP: the same forwards on every process
         raise UsageError(f"--val-prompts must be a multiple of the {parallel.world()} processes under --fsdp")
@@ -281,6 +307,7 @@ def main(cfg: Config):
     shown = [*RECIPES[recipe], "max_new_tokens", *(["verifier"] if "test_ood" not in splits else [])]  # math: which verifier
     print(f"recipe: {recipe} (" + ", ".join(f"{k}={getattr(cfg, k)}" for k in shown if k != "gp_new_tokens") + ")")
     chat = policy.use_chat(tok, cfg.model, cfg.chat)
+    cfg.chat = "on" if chat else "off"  # config.json keeps the decision: a run's model/ folder has not the model's name
     eos, end = policy.eos_ids(tok, model, chat), policy.end_id(tok, chat)
     splits["val"] = splits["val"] or [dict(r) for r in splits["train"]]  # a small hand file may leave none
     for split, rows in splits.items():  # training rows are formatted as they are drawn (reshuffled)
@@ -441,7 +468,8 @@ if __name__ == "__main__":
         sys.stdout = open(os.devnull, "w")
     try:
         main(parse_args(description=__doc__))
-    except (UsageError, TrainingError) as e:
+    except (UsageError, TrainingError, torch.cuda.OutOfMemoryError) as e:
+        e = out_of_memory(e) if isinstance(e, torch.cuda.OutOfMemoryError) else e
         sys.exit(f"error: {e}" if parallel.rank() == 0 else f"error (rank {parallel.rank()}): {e}")
     except KeyboardInterrupt as e:
         if parallel.rank() == 0:

@@ -1,0 +1,82 @@
+"""
+Tests of memory.py, offline on a CPU: the live-tensor accounting, the chunked log-probs' bound
+on vocabulary-sized values, and the replay of a step against the real loop at the same sizes.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+import memory
+import model as policy
+import train
+
+
+def test_live_bytes_counts_storages_once_and_frees_them():
+    with memory.LiveBytes() as tracker:
+        a = torch.zeros(1000, 250)                # 1,000,000 bytes
+        view = a[10:]                             # a view: no new bytes
+        b = a + 1                                 # 1,000,000 more
+        del b
+        c = torch.ones(500)                       # 2,000 bytes
+    assert tracker.total == 1_002_000 and tracker.peaks["setup"][0] == 2_000_000
+    del a
+    assert tracker.total == 1_002_000  # the view keeps the storage alive
+    del view
+    assert tracker.total == 2_000 and c.numel() == 500
+
+
+def test_tagging_a_tensor_corrects_the_peaks_it_was_live_in():
+    with memory.LiveBytes() as tracker:
+        with tracker.during("one"):
+            kept = torch.zeros(1000)              # 4,000 bytes, live at this phase's peak
+            tmp = torch.zeros(500)
+            del tmp
+        with tracker.during("two"):
+            torch.zeros(10)
+    tracker.tag([kept], "weights")
+    assert tracker.peaks["one"][1] == {"activations": 2000, "weights": 4000}
+    assert tracker.peaks["two"][1]["weights"] == 4000 and tracker.by_kind["weights"] == 4000
+
+
+def test_chunked_logprobs_hold_one_chunk_of_logits(tmp_path, monkeypatch):
+    """Forward and backward over 4 x 200 positions of a 4,000-token vocabulary: the one-batch
+    formula holds several (800, 4000) float32 tensors at once (12.8 MB each); the chunked code,
+    at 50 positions a chunk, never more than a few chunks (0.8 MB each; 5.3 of them measured)."""
+    from test_model import plain_logprobs
+    path = policy.make_tiny_model(str(tmp_path / "m"), n_layer=1, n_embd=32, n_head=2, vocab_size=4000, max_len=256)
+    model, _ = policy.load_policy(path)
+    ids = torch.randint(3, 4000, (4, 201))
+    attn = torch.ones_like(ids)
+    monkeypatch.setattr(policy, "CHUNK_VALUES", 50 * 4000)
+    whole, chunk = 800 * 4000 * 4, 50 * 4000 * 4
+    peaks = {}
+    for name, fn in [("plain", lambda: plain_logprobs(model, ids, attn, 1.0, 200)[0]),
+                     ("chunked", lambda: policy.token_logprobs(model, ids, attn, n_last=200, with_entropy=True)[0])]:
+        with memory.LiveBytes(vocab=4000) as tracker:
+            fn().sum().backward()
+        peaks[name] = max(parts.get("logits", 0) for _, parts, _ in tracker.peaks.values())
+        model.zero_grad(set_to_none=True)
+    assert peaks["plain"] >= 2 * whole
+    assert peaks["chunked"] <= 7 * chunk < whole / 2
+
+
+def test_the_replay_of_a_step_agrees_with_the_real_loop(tmp_path):
+    """The loop itself (train.main, 2 steps: warm-up then an amft step with its meta-gradient)
+    counted by the tracker on real tensors, against memory.step_memory at the same sizes under
+    FakeTensorMode. The replay runs every rollout to full length, so it may count a little more."""
+    shape = dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
+                 intermediate_size=256, vocab_size=20000, tie_word_embeddings=True)
+    path = policy.make_tiny_model(str(tmp_path / "m"), n_layer=1, n_embd=64, n_head=2, vocab_size=20000, max_len=512)
+    kw = dict(recipe="pretrained", steps=2, warmup=1, batch_size=2, group_size=2, max_new_tokens=32, micro_batch=4,
+              meta_every=1, meta_grad="autograd", val_prompts=1, skip_test=True, device="cpu", save_every=0)
+    with memory.LiveBytes(vocab=20000) as tracker:
+        train.main(train.Config(model=path, out=str(tmp_path / "run"), **kw))
+    real = memory.peak(tracker)
+    cfg = train.Config(model=path, **kw)
+    train.resolve(cfg, cuda=False)
+    replay = memory.step_memory(shape, cfg, prompt_tokens=277, demo_tokens=78)  # the plain prompt's characters, at most
+    assert 0.9 * real <= memory.peak(replay) <= 1.25 * real, (real, memory.peak(replay))
+    assert memory.peak(replay) > 20000 * 64 * 4 * 4  # weights, AdamW and gradients of the embedding alone
+    assert set(replay.peaks) >= {"rollouts", "RL backward", "SFT backward", "meta-gradient", "optimizer step"}
