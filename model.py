@@ -414,9 +414,11 @@ def hidden_states_out(model):
         setattr(parent, attr, head)
 
 
-def _chunk_logprobs(head, h, targets, temperature, with_entropy):
-    """(logp, entropy or None) of one chunk of positions, h (n, H) -> logits (n, V)."""
-    logits = head(h)
+def _chunk_logprobs(h, weight, bias, targets, temperature, with_entropy):
+    """(logp, entropy or None) of one chunk of positions: h (n, H) -> logits (n, V) by the output
+    layer's weight and bias, given as tensors so that a recompute in backward uses these very
+    ones (also when they are functions of other tensors, as under torch.func.functional_call)."""
+    logits = torch.nn.functional.linear(h, weight, bias)
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (n, V)
     lse = torch.logsumexp(z, -1)                                                   # (n,)
     logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse                       # (n,)
@@ -449,7 +451,7 @@ def token_logprobs(model, ids, attn, temperature: float = 1.0, n_last=None, with
     pieces = []
     with torch.autocast(ids.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
         for i in range(0, len(h), rows):
-            args = (head, h[i:i + rows], targets[i:i + rows], temperature, with_entropy)
+            args = (h[i:i + rows], head.weight, head.bias, targets[i:i + rows], temperature, with_entropy)
             pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
                           if torch.is_grad_enabled() else _chunk_logprobs(*args))
     logp = torch.cat([p[0] for p in pieces]).view(len(ids), n)

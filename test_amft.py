@@ -238,8 +238,17 @@ def _meta_setup(model, tok, seed=0, n_val=6, G=3):
     rl_loss = amft.grpo_loss(logp, logp.detach(), A_rl.to(dtype), roll.mask.to(dtype))[0]
     g_rl = dict(zip(params, torch.autograd.grad(rl_loss, list(params.values()))))
 
-    def U(chunk, at=model):  # at: the model, or a callable evaluating it at other weights
-        lp = policy.token_logprobs(at, roll.ids[chunk], roll.attn[chunk], n_last=C)
+    class Scored(torch.nn.Module):  # token_logprobs as a module, to evaluate at other weights (functional_call)
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, attn):
+            return policy.token_logprobs(self.model, ids, attn, n_last=C)
+
+    def U(chunk, at=None):  # at: other weights than the model's (a dict of name -> tensor)
+        args = (roll.ids[chunk], roll.attn[chunk])
+        lp = Scored()(*args) if at is None else torch.func.functional_call(Scored(), {f"model.{k}": v for k, v in at.items()}, args)
         return amft.policy_gradient_surrogate(lp, A_val[chunk].to(lp), roll.mask[chunk].to(lp), n=N)
     return params, g_sft, g_rl, U, [slice(0, N)]
 
@@ -261,8 +270,7 @@ def test_autograd_estimator_equals_backprop_into_a_leaf_mu(tiny64):
     params, g_sft, g_rl, U, one = _meta_setup(model, tok, seed=3)
     mu = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
     theta = amft.lookahead({k: p.detach() for k, p in params.items()}, g_rl, g_sft, mu, 1e-2)
-    at_theta = lambda **inputs: torch.func.functional_call(model, theta, args=(), kwargs=inputs)
-    (leaf,) = torch.autograd.grad(U(one[0], at=at_theta), mu)
+    (leaf,) = torch.autograd.grad(U(one[0], at=theta), mu)
     before = {k: p.detach().clone() for k, p in params.items()}
     assert leaf != 0 and amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, 1e-2, one) == pytest.approx(leaf.item(), rel=1e-9)
     assert all(p.grad is None for p in params.values())  # and the model's .grad is left alone
