@@ -12,7 +12,8 @@ read from tensors (a loss for the log, a gradient norm) read as 0.
 
 What it does not see: the CUDA context (about 0.5 GiB outside PyTorch), the caching allocator's
 rounding and fragmentation (reserved minus allocated), cuBLAS workspaces, the memory pool of the
-compiled sampler's CUDA graphs, and NCCL buffers under torchrun. It runs CPU kernels' shapes:
+compiled sampler's CUDA graphs, NCCL buffers under torchrun, and memory an operation allocates
+and frees inside itself (logsumexp's buffer the size of its input: one chunk of logits here). It runs CPU kernels' shapes:
 attention is the flash kernel's (no T x T matrix), as on a GPU.
 
     python bench.py --memory     # the table at the pretrained recipe's sizes, 0.5B to 7B
@@ -30,7 +31,7 @@ import amft
 import model as policy
 import train
 
-KINDS = ("weights", "AdamW", "g_RL", "g_SFT", "grad U", "bf16 copy", "KV cache", "logits", "activations")
+KINDS = ("weights", "AdamW", "g_RL", "g_SFT", "grad U", "bf16 copy", "KL reference", "KV cache", "logits", "activations")
 
 # Qwen2.5's shapes (config.json of each hub model), for models built without weights
 QWEN = {
@@ -109,10 +110,11 @@ class LiveBytes(TorchDispatchMode):
 
     @contextlib.contextmanager
     def during(self, phase: str, grads: str = "activations"):
-        """Count the peak of `phase` (from the bytes live as it starts); gradients accumulated in
-        it are of kind `grads`."""
+        """Count the peak of `phase` (from the bytes live as it starts; the highest of all its
+        occurrences); gradients accumulated in it are of kind `grads`."""
         self.phase, self.grad_kind = phase, grads
-        self._snapshot()
+        if self.total > self.peaks.get(phase, (-1,))[0]:  # a phase seen again keeps its highest peak
+            self._snapshot()
         try:
             yield self
         finally:
@@ -186,7 +188,9 @@ def step_memory(shape: dict, cfg: train.Config, prompt_tokens: int = 160, demo_t
                 roll = _rollout(model, B * G, P, cfg.max_new_tokens, cfg, tracker)
                 A, A_demo, _ = amft.advantages(torch.rand(B, G).round(), torch.ones(B) if method.demo_in_group else None)
             with tracker.during("RL backward", grads="g_RL"):
-                train.rl_backward(model, None, roll, A, cfg, shaped=method.shaped, demos=demos, A_demo=A_demo)
+                ref_model = train.reference(model, None, cfg.beta)  # (--beta > 0: the frozen copy of the KL term)
+                tracker.tag(ref_model.parameters() if ref_model is not None else [], "KL reference")
+                train.rl_backward(model, ref_model, roll, A, cfg, shaped=method.shaped, demos=demos, A_demo=A_demo)
                 g_rl = train.take_grads(params)
         if now.sft:
             with tracker.during("SFT backward", grads="g_SFT"):

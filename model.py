@@ -170,12 +170,18 @@ def set_checkpointing(model, on: bool):
             else model.gradient_checkpointing_disable()
 
 
+def copy_with_weights(model, weight):
+    """A deepcopy of the model whose parameters are weight(p), frozen, and whose buffers are
+    clones: each tensor of the copy is made once, by `weight`, and no tensor is deepcopied (a
+    deepcopy of a float32 model before a cast to bfloat16 would hold a float32 copy first)."""
+    memo = {id(p): torch.nn.Parameter(weight(p.detach()), requires_grad=False) for p in model.parameters()}
+    memo.update({id(b): b.clone() for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
 def frozen_copy(model):
     """A frozen reference policy for the KL term."""
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+    return copy_with_weights(model, torch.clone).eval()
 
 
 def _norms_in_float64(model):
@@ -338,10 +344,8 @@ def bf16_copy(model):
     bfloat16 rounding of the one the log-probs score; the GRPO ratio is taken against log-probs
     recomputed by the training forward, as with any separate inference engine."""
     twin = _bf16_copies.get(model)
-    if twin is None:  # a deepcopy whose tensors are given: bfloat16 casts of the weights (never a float32 copy)
-        memo = {id(p): torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False) for p in model.parameters()}
-        memo.update({id(b): b.clone() for b in model.buffers()})
-        twin = copy.deepcopy(model, memo)
+    if twin is None:
+        twin = copy_with_weights(model, lambda p: p.to(torch.bfloat16))
         twin.__dict__.pop("forward", None)  # no autocast wrapper: it computes in bfloat16 throughout
         twin.amp = False
         twin.eval()
@@ -444,20 +448,22 @@ def token_logprobs(model, ids, attn, temperature: float = 1.0, n_last=None, with
     with hidden_states_out(model) as head:
         hidden = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=n + 1,
                        use_cache=False).logits                          # (N, n+1, H); scoring needs no KV cache
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])                     # (N*n, H)
-    targets = ids[:, -n:].reshape(-1)                                    # (N*n,)
+    # each row's last position predicts a token past the sequence (target 0, dropped below): it is
+    # computed anyway so that the products have the shapes they have inside the model's forward
+    h = hidden.reshape(-1, hidden.shape[-1])                             # (N*(n+1), H)
+    targets = torch.nn.functional.pad(ids[:, -n:], (0, 1)).reshape(-1)   # (N*(n+1),)
     rows = max(1, CHUNK_VALUES // model.config.vocab_size)
-    amp = getattr(model, "amp", False)  # the output layer computes as it would inside the model's forward
-    pieces = []
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+    amp = getattr(model, "amp", False)  # the output layer computes as it would inside the model's forward, but
+    pieces = []  # each chunk casts the weight itself (no cache), so the chunks' gradients of it add up in float32
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, cache_enabled=False) if amp else contextlib.nullcontext():
         for i in range(0, len(h), rows):
             args = (h[i:i + rows], head.weight, head.bias, targets[i:i + rows], temperature, with_entropy)
             pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
                           if torch.is_grad_enabled() else _chunk_logprobs(*args))
-    logp = torch.cat([p[0] for p in pieces]).view(len(ids), n)
+    logp = torch.cat([p[0] for p in pieces]).view(len(ids), n + 1)[:, :-1]
     if not with_entropy:
         return logp
-    return logp, torch.cat([p[1] for p in pieces]).view(len(ids), n)
+    return logp, torch.cat([p[1] for p in pieces]).view(len(ids), n + 1)[:, :-1]
 
 
 class DemoBatch(NamedTuple):

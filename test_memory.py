@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import pytest
 import torch
 
 import memory
@@ -62,21 +63,39 @@ def test_chunked_logprobs_hold_one_chunk_of_logits(tmp_path, monkeypatch):
     assert peaks["chunked"] <= 7 * chunk < whole / 2
 
 
-def test_the_replay_of_a_step_agrees_with_the_real_loop(tmp_path):
-    """The loop itself (train.main, 2 steps: warm-up then an amft step with its meta-gradient)
-    counted by the tracker on real tensors, against memory.step_memory at the same sizes under
-    FakeTensorMode. The replay runs every rollout to full length, so it may count a little more."""
+@pytest.mark.parametrize("precision", ["float32, generate", "amp, compiled sampler, KL"])
+def test_the_replay_of_a_step_agrees_with_the_real_loop_phase_by_phase(tmp_path, monkeypatch, precision):
+    """The loop itself (train.main, 2 steps: warm-up, then an amft step with its meta-gradient)
+    counted by the tracker on real tensors, each phase apart, against memory.step_memory at the
+    same sizes under FakeTensorMode: in float32 with generate (the CPU recipe), and with amp, the
+    compiled sampler (its bfloat16 copy and static KV cache; run eagerly, in both) and a KL
+    reference. The replay runs every rollout to full length, so it may count a little more."""
     shape = dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
                  intermediate_size=256, vocab_size=20000, tie_word_embeddings=True)
     path = policy.make_tiny_model(str(tmp_path / "m"), n_layer=1, n_embd=64, n_head=2, vocab_size=20000, max_len=512)
     kw = dict(recipe="pretrained", steps=2, warmup=1, batch_size=2, group_size=2, max_new_tokens=32, micro_batch=4,
-              meta_every=1, meta_grad="autograd", val_prompts=1, skip_test=True, device="cpu", save_every=0)
-    with memory.LiveBytes(vocab=20000) as tracker:
+              meta_every=1, meta_grad="autograd", val_prompts=2, skip_test=True, device="cpu", save_every=0)
+    if precision != "float32, generate":
+        kw.update(amp=True, sampler="compiled", beta=0.1)
+        monkeypatch.setattr(policy, "compiled_forward", lambda: policy._forward)  # the same decode loop, not compiled
+    import data  # a reward of 1 for an odd number of characters: groups differ, so the meta-gradient is not silent
+    monkeypatch.setattr(data, "reward", lambda row, text, verifier="builtin": float(len(text) % 2))
+    tracker = memory.LiveBytes(vocab=20000)
+    phases = {"rl_backward": "RL backward", "sft_backward": "SFT backward", "meta_gradient": "meta-gradient"}
+    for name, phase in phases.items():  # each phase of the real loop counted apart, as the replay counts it
+        def counted(*args, _f=getattr(train, name), _phase=phase, **kw_):
+            with tracker.during(_phase, grads={"RL backward": "g_RL", "SFT backward": "g_SFT"}.get(_phase, "grad U")):
+                return _f(*args, **kw_)
+        monkeypatch.setattr(train, name, counted)
+    with tracker:
         train.main(train.Config(model=path, out=str(tmp_path / "run"), **kw))
-    real = memory.peak(tracker)
     cfg = train.Config(model=path, **kw)
     train.resolve(cfg, cuda=False)
-    replay = memory.step_memory(shape, cfg, prompt_tokens=277, demo_tokens=78)  # the plain prompt's characters, at most
-    assert 0.9 * real <= memory.peak(replay) <= 1.25 * real, (real, memory.peak(replay))
-    assert memory.peak(replay) > 20000 * 64 * 4 * 4  # weights, AdamW and gradients of the embedding alone
-    assert set(replay.peaks) >= {"rollouts", "RL backward", "SFT backward", "meta-gradient", "optimizer step"}
+    replay = memory.step_memory(shape, cfg, prompt_tokens=277 + 63 * cfg.amp, demo_tokens=78)  # the plain prompt's
+    for phase in phases.values():  # characters at most (padded to a multiple of 64 by the compiled sampler)
+        real, replayed = tracker.peaks[phase][0], replay.peaks[phase][0]
+        assert 0.95 * real <= replayed <= 1.1 * real, (phase, real, replayed)
+    held = replay.peaks["meta-gradient"][1]  # both gradients, whole, through the meta phase
+    assert held["g_SFT"] == held["g_RL"] == held["weights"] > 20000 * 64 * 4
+    if cfg.amp:
+        assert replay.peaks["RL backward"][1]["bf16 copy"] > 0 and replay.peaks["RL backward"][1]["KL reference"] > 0

@@ -24,6 +24,7 @@ step), summary.json (accuracy before and after), model/ (save_pretrained), check
 """
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import random
@@ -260,7 +261,9 @@ def main(cfg: Config):
     t_start = time.time()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     device = parallel.device_of_rank(device)  # under torchrun: 'cuda' -> this process's GPU
+    gc.collect()  # an earlier run in this process (bench.py, compare.py) leaves its model in reference cycles
     if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # this run's peak, also when a process makes several
     recipe = resolve(cfg, cuda=device.startswith("cuda"))
     check(cfg)
