@@ -257,7 +257,26 @@ def out_of_memory(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------- the run
-def main(cfg: Config):
+@dataclasses.dataclass
+class Run:
+    """What a run is set up with: its settings, model, data and streams, where it writes."""
+    cfg: Config
+    method: amft.Method
+    model: torch.nn.Module
+    tok: object
+    splits: dict
+    chat: bool
+    eos: list            # token ids that end a completion
+    end: int             # the token a demonstration ends with
+    device: str
+    out: str
+    scored: dict         # which test split the summary scores
+    streams: tuple       # (data_rng, val_rng, val_stream): training order, validation prompts, their rollouts
+    t_start: float
+
+
+def setup(cfg: Config) -> Run:
+    """Check the settings, load the model and the task, create the output folder: a Run."""
     t_start = time.time()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     device = parallel.device_of_rank(device)  # under torchrun: 'cuda' -> this process's GPU
@@ -324,144 +343,218 @@ def main(cfg: Config):
     if parallel.is_main():
         os.makedirs(out, exist_ok=True)
 
-    if cfg.eval_only:
-        summary = dict(method="eval-only", model=cfg.model, task=cfg.task, steps=0, **held_out_accuracy(model, tok, splits, cfg, eos, cfg.pass_k),
-                       **scored, wall_seconds=round(time.time() - t_start, 1), device=device)
-        if parallel.is_main():
-            checkpoint.atomic_json(summary, os.path.join(out, "summary.json"))
-        print(checkpoint.to_json(summary))
-        return summary
+    return Run(cfg, method, model, tok, splits, chat, eos, end, device, out, scored, (data_rng, val_rng, val_stream), t_start)
 
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # fused: no temporaries
-    controller = amft.MuController(method, mu0=cfg.mu0, mu_min=cfg.mu_min, mu_max=cfg.mu_max, eta_meta=cfg.eta_meta,
-                                   eta_H=cfg.eta_H, meta_every=cfg.meta_every,
-                                   H_target=cfg.H_target, H_target_ema=cfg.H_target_ema)
-    alpha = cfg.meta_alpha or cfg.lr
-    train_rows, val_rows = splits["train"], splits["val"]
-    ref_model = None
-    # everything the loop carries from step to step, besides the weights: what a checkpoint holds
-    state = {"step": 0, "bad_in_row": 0, "skipped": 0, "samples_seen": 0, "order": [], "before": None, "wall_seconds": 0.0}
-    if cfg.resume:
+
+def main(cfg: Config):
+    """Set a run up, then train and score it (or only score it, --eval-only). Returns the summary."""
+    run = setup(cfg)
+    return evaluate_only(run) if cfg.eval_only else train_and_score(run)
+
+
+def evaluate_only(run: Run) -> dict:
+    cfg = run.cfg
+    summary = dict(method="eval-only", model=cfg.model, task=cfg.task, steps=0,
+                   **held_out_accuracy(run.model, run.tok, run.splits, cfg, run.eos, cfg.pass_k),
+                   **run.scored, wall_seconds=round(time.time() - run.t_start, 1), device=run.device)
+    if parallel.is_main():
+        checkpoint.atomic_json(summary, os.path.join(run.out, "summary.json"))
+    print(checkpoint.to_json(summary))
+    return summary
+
+
+class Trainer:
+    """A run being trained: the optimizer, the mu controller, the KL reference, and the state a
+    checkpoint holds (state: the step, the data order, counters, the accuracy before)."""
+
+    def __init__(self, run: Run):
+        cfg, self.run = run.cfg, run
+        self.params = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+        self.opt = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=True)  # fused: no temporaries
+        self.controller = amft.MuController(run.method, mu0=cfg.mu0, mu_min=cfg.mu_min, mu_max=cfg.mu_max,
+                                            eta_meta=cfg.eta_meta, eta_H=cfg.eta_H, meta_every=cfg.meta_every,
+                                            H_target=cfg.H_target, H_target_ema=cfg.H_target_ema)
+        self.ref_model = None
+        self.state = {"step": 0, "bad_in_row": 0, "skipped": 0, "samples_seen": 0, "order": [], "before": None,
+                      "wall_seconds": 0.0}
+        if cfg.resume:
+            self.resume()
+        self.earlier = self.state.get("wall_seconds", 0.0)  # the run's time before a resume
+
+    def resume(self):
+        run, out = self.run, self.run.out
         try:
-            state, ref_model = checkpoint.load_checkpoint(os.path.join(out, "checkpoint"), model, opt)
+            self.state, self.ref_model = checkpoint.load_checkpoint(os.path.join(out, "checkpoint"), run.model,
+                                                                    self.opt)
         except ValueError as e:  # a damaged or unsafe file, in one line
             raise UsageError(str(e)) from None
         try:
-            controller.load_state_dict(state["controller"])
-            checkpoint.restore_streams(state, data_rng, val_rng, val_stream, parallel.rank(), parallel.world(), cfg.seed)
+            self.controller.load_state_dict(self.state["controller"])
+            checkpoint.restore_streams(self.state, *run.streams, parallel.rank(), parallel.world(), run.cfg.seed)
         except Exception as e:  # it loaded, but is not a checkpoint of this trainer
             raise UsageError(f"{out}/checkpoint/trainer_state.pt is damaged ({checkpoint.first_line(e)})") from None
         if os.path.isfile(os.path.join(out, "metrics.jsonl")) and parallel.is_main():
-            checkpoint.keep_metrics_before(os.path.join(out, "metrics.jsonl"), state["step"])
-    if parallel.is_main():
-        checkpoint.atomic_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))  # (after a resume is known to work)
-    if state["before"] is None:
-        state["before"] = held_out_accuracy(model, tok, splits, cfg, eos)
-    print(f"{cfg.method}: {len(train_rows)} train / {len(val_rows)} val / {len(splits['test'])} test prompts; "
-          f"before training {state['before']}")
+            checkpoint.keep_metrics_before(os.path.join(out, "metrics.jsonl"), self.state["step"])
 
-    earlier = state.get("wall_seconds", 0.0)  # the run's time before a resume
-
-    def save():
-        streams = checkpoint.streams(data_rng, val_rng, val_stream)
-        state.update(controller=controller.state_dict(), rng=streams, wall_seconds=earlier + time.time() - t_start,
+    def save(self):
+        run, state = self.run, self.state
+        streams = checkpoint.streams(*run.streams)
+        state.update(controller=self.controller.state_dict(), rng=streams,
+                     wall_seconds=self.earlier + time.time() - run.t_start,
                      rng_ranks=parallel.gather_objects(streams) if parallel.world() > 1 else None)
-        full = parallel.full_state(model, opt)  # under FSDP: gathered from every process
+        full = parallel.full_state(run.model, self.opt)  # under FSDP: gathered from every process
         if parallel.is_main():
-            checkpoint.save_checkpoint(os.path.join(out, "checkpoint"), model, tok, opt, state, ref_model, full)
+            checkpoint.save_checkpoint(os.path.join(run.out, "checkpoint"), run.model, run.tok, self.opt, state,
+                                       self.ref_model, full)
 
-    pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc=cfg.method, dynamic_ncols=True,
-                disable=not parallel.is_main())
-    log = open(os.path.join(out, "metrics.jsonl"), "a") if parallel.is_main() else None
-    with log or contextlib.nullcontext(), checkpoint.stop_on_ctrl_c() as stop:
-        for step in pbar:
-            lap = checkpoint.Laps(device)
-            now = amft.phase(method, step, cfg.warmup)
-            rows = next_rows(train_rows, state, data_rng, cfg.batch_size, tok, chat)  # the global batch, the same on every process
-            mine = parallel.share(rows)                                             # ... and this process's share of it
-            demos = policy.sft_batch(tok, [r["prompt"] for r in mine], [r["demo"] for r in mine], end, device) if now.demos else None
-            m = dict(step=step, phase=now.name, **controller.metrics(), **dict.fromkeys(METRICS),
-                     prompts_crc32=zlib.crc32("\n".join(r["prompt"] for r in rows).encode()))
-            g_sft, g_rl, H = {}, {}, None
-            # ------------------------------------------------------------ sample -> reward -> advantages -> RL gradient
-            if now.rl:
-                roll, r = rollouts(model, tok, mine, cfg, eos)
-                r = parallel.gather(r)                                                           # r: (B, G), every process's
-                m["seconds_rollout"] = lap()
-                A, A_demo, m["frac_zero_std"] = amft.advantages(r, demo_rewards(rows, method, cfg.verifier))  # (B*G,), (B,)
-                A, A_demo = parallel.share(A.view(len(rows), -1)).flatten(), A_demo if A_demo is None else parallel.share(A_demo)
-                ref_model = reference(model, ref_model, cfg.beta)
-                rl = rl_backward(model, ref_model, roll, A=A, cfg=cfg, shaped=method.shaped, demos=demos, A_demo=A_demo)
-                g_rl, H = parallel.sum_grads_(take_grads(params)), rl.pop("entropy")
-                m.update(rl_loss=rl.pop("loss"), entropy=H, reward_mean=r.mean().item(), reward_std=r.std().item(),
-                         completion_len=parallel.total(roll.mask.sum().item()) / r.numel(), **rl)
-                m["seconds_rl"] = lap()
-            # ------------------------------------------------------------ SFT gradient on the demonstrations
-            if now.sft:
-                m["sft_loss"] = sft_backward(model, demos, cfg.micro_batch)
-                g_sft = parallel.sum_grads_(take_grads(params))
-                m["seconds_sft"] = lap()
-            finite = all(math.isfinite(m[k]) for k in ("sft_loss", "rl_loss") if m[k] is not None)
-            # ------------------------------------------------------------ mu: entropy term, meta-gradient every K steps
-            if now.rl and method.mixes:
-                dU, due = None, finite and controller.meta_due(step - cfg.warmup, H)
-                if due:
-                    val = val_rng.sample(val_rows, min(cfg.val_prompts, len(val_rows)))
-                    with checkpoint.torch_stream(val_stream):
-                        dU, m["val_reward"] = meta_gradient(model, tok, val, params=params, g_rl=g_rl, g_sft=g_sft,
-                                                            mu=controller.mu, alpha=alpha, cfg=cfg, eos=eos)
-                    m["seconds_meta"] = lap()
-                m.update(controller.update(H, dU, finite, silent=due and dU is None))
-            # ------------------------------------------------------------ parameter step on w_RL g_RL + w_SFT g_SFT
-            m["w_rl"], m["w_sft"] = amft.loss_weights(method, controller.mu, H or 0.0, now.warm)
-            m["grad_norm"] = set_grads(params, amft.mix_grads_(g_rl, g_sft, m["w_rl"], m["w_sft"]), cfg.grad_clip)
-            g_rl = g_sft = None  # mixed in place into p.grad: the second gradient buffer is freed before the step
-            m["skipped"] = not (finite and math.isfinite(m["grad_norm"]))
-            if not m["skipped"]:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            weights = [] if parallel.sharded() else [parallel.fingerprint(params.values())]  # FSDP: each holds its own slice
-            if parallel.world() > 1 and not parallel.in_sync([controller.mu, controller.H_target or 0.0, *weights]):
-                raise TrainingError(f"the processes' weights or mu differ after step {step}; please report this")
-            count_bad_steps(state, m["skipped"], cfg.max_bad_steps)
-            # ------------------------------------------------------------ log, evaluate, checkpoint
-            n_samples = cfg.batch_size * (now.demos + cfg.group_size * now.rl)  # demonstrations + rollouts
-            state.update(step=step + 1, samples_seen=state["samples_seen"] + n_samples)
-            seconds = lap.total()
-            m.update(seconds_step=round(seconds, 4), samples_per_s=n_samples / seconds, samples_seen=state["samples_seen"])
-            if state["step"] % cfg.eval_every == 0 or (state["step"] == cfg.steps and not cfg.skip_test):  # not in samples_per_s
-                m["val_accuracy"] = evaluate(model, tok, val_rows, cfg, eos)["accuracy"]
-            if log:
-                log.write(checkpoint.to_json(m) + "\n")
-                log.flush()
-            pbar.set_postfix({k: f"{m[k]:.3f}" for k in ("mu", "reward_mean", "entropy", "sft_loss") if m[k] is not None})
-            stopping = parallel.any_rank(bool(stop))  # one process's Ctrl-C stops them all at the same step
-            if stopping or (cfg.save_every and state["step"] % cfg.save_every == 0):
-                save()
-            if stopping:
-                raise KeyboardInterrupt(f"stopped at step {state['step']}; checkpoint saved: python train.py --resume {out}")
+    # ------------------------------------------------------------------------ the parts of a step
+    def next_batch(self, now):
+        """The global batch of rows (the same on every process), and this process's share of its
+        demonstrations when the step needs them."""
+        run = self.run
+        rows = next_rows(run.splits["train"], self.state, run.streams[0], run.cfg.batch_size, run.tok, run.chat)
+        mine = parallel.share(rows)
+        demos = policy.sft_batch(run.tok, [r["prompt"] for r in mine], [r["demo"] for r in mine], run.end,
+                                 run.device) if now.demos else None
+        return rows, demos
 
-    peak = max(parallel.gather_objects(checkpoint.peak_memory(device)))  # training's peak (the largest process's)
-    save()
-    after = held_out_accuracy(model, tok, splits, cfg, eos, cfg.pass_k)
+    def rl_gradient(self, rows, demos, m, lap):
+        """Sample G completions per prompt -> rewards -> group advantages -> g_RL. Returns (g_RL,
+        the rollouts' mean token entropy H)."""
+        run, cfg = self.run, self.run.cfg
+        roll, r = rollouts(run.model, run.tok, parallel.share(rows), cfg, run.eos)
+        r = parallel.gather(r)                                                  # r: (B, G), every process's
+        m["seconds_rollout"] = lap()
+        A, A_demo, m["frac_zero_std"] = amft.advantages(r, demo_rewards(rows, run.method, cfg.verifier))
+        A = parallel.share(A.view(len(rows), -1)).flatten()                     # (B*G,) -> this process's
+        A_demo = A_demo if A_demo is None else parallel.share(A_demo)           # (B,)
+        self.ref_model = reference(run.model, self.ref_model, cfg.beta)
+        rl = rl_backward(run.model, self.ref_model, roll, A=A, cfg=cfg, shaped=run.method.shaped, demos=demos,
+                         A_demo=A_demo)
+        g_rl, H = parallel.sum_grads_(take_grads(self.params)), rl.pop("entropy")
+        m.update(rl_loss=rl.pop("loss"), entropy=H, reward_mean=r.mean().item(), reward_std=r.std().item(),
+                 completion_len=parallel.total(roll.mask.sum().item()) / r.numel(), **rl)
+        m["seconds_rl"] = lap()
+        return g_rl, H
+
+    def sft_gradient(self, demos, m, lap):
+        m["sft_loss"] = sft_backward(self.run.model, demos, self.run.cfg.micro_batch)
+        g_sft = parallel.sum_grads_(take_grads(self.params))
+        m["seconds_sft"] = lap()
+        return g_sft
+
+    def move_mu(self, step, H, g_rl, g_sft, finite, m, lap):
+        """The entropy term every step, dU/dmu on fresh validation rollouts every K steps."""
+        run, cfg, controller = self.run, self.run.cfg, self.controller
+        dU, due = None, finite and controller.meta_due(step - cfg.warmup, H)
+        if due:
+            _, val_rng, val_stream = run.streams
+            val = val_rng.sample(run.splits["val"], min(cfg.val_prompts, len(run.splits["val"])))
+            with checkpoint.torch_stream(val_stream):
+                dU, m["val_reward"] = meta_gradient(run.model, run.tok, val, params=self.params, g_rl=g_rl,
+                                                    g_sft=g_sft, mu=controller.mu, alpha=cfg.meta_alpha or cfg.lr,
+                                                    cfg=cfg, eos=run.eos)
+            m["seconds_meta"] = lap()
+        m.update(controller.update(H, dU, finite, silent=due and dU is None))
+
+    def optimizer_step(self, now, H, g_rl, g_sft, finite, m):
+        """AdamW on w_RL g_RL + w_SFT g_SFT, mixed in place into p.grad. The gradient dicts are
+        handed over and emptied, so the second buffer is freed before the step."""
+        m["w_rl"], m["w_sft"] = amft.loss_weights(self.run.method, self.controller.mu, H or 0.0, now.warm)
+        m["grad_norm"] = set_grads(self.params, amft.mix_grads_(g_rl, g_sft, m["w_rl"], m["w_sft"]),
+                                   self.run.cfg.grad_clip)
+        g_rl.clear()
+        g_sft.clear()
+        m["skipped"] = not (finite and math.isfinite(m["grad_norm"]))
+        if not m["skipped"]:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def end_of_step(self, step, now, m, lap, log, pbar, stop):
+        """The processes still agree, count a skipped step, log, evaluate, checkpoint, Ctrl-C."""
+        run, cfg, state = self.run, self.run.cfg, self.state
+        weights = [] if parallel.sharded() else [parallel.fingerprint(self.params.values())]  # FSDP: own slices
+        check = [self.controller.mu, self.controller.H_target or 0.0, *weights]
+        if parallel.world() > 1 and not parallel.in_sync(check):
+            raise TrainingError(f"the processes' weights or mu differ after step {step}; please report this")
+        count_bad_steps(state, m["skipped"], cfg.max_bad_steps)
+        n_samples = cfg.batch_size * (now.demos + cfg.group_size * now.rl)  # demonstrations + rollouts
+        state.update(step=step + 1, samples_seen=state["samples_seen"] + n_samples)
+        seconds = lap.total()
+        m.update(seconds_step=round(seconds, 4), samples_per_s=n_samples / seconds, samples_seen=state["samples_seen"])
+        if state["step"] % cfg.eval_every == 0 or (state["step"] == cfg.steps and not cfg.skip_test):
+            m["val_accuracy"] = evaluate(run.model, run.tok, run.splits["val"], cfg, run.eos)["accuracy"]
+        if log:
+            log.write(checkpoint.to_json(m) + "\n")
+            log.flush()
+        pbar.set_postfix({k: f"{m[k]:.3f}" for k in ("mu", "reward_mean", "entropy", "sft_loss") if m[k] is not None})
+        stopping = parallel.any_rank(bool(stop))  # one process's Ctrl-C stops them all at the same step
+        if stopping or (cfg.save_every and state["step"] % cfg.save_every == 0):
+            self.save()
+        if stopping:
+            raise KeyboardInterrupt(f"stopped at step {state['step']}; checkpoint saved: python train.py --resume {run.out}")
+
+    # ------------------------------------------------------------------------ the loop
+    def train(self):
+        run, cfg, method, state = self.run, self.run.cfg, self.run.method, self.state
+        pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc=cfg.method,
+                    dynamic_ncols=True, disable=not parallel.is_main())
+        log = open(os.path.join(run.out, "metrics.jsonl"), "a") if parallel.is_main() else None
+        with log or contextlib.nullcontext(), checkpoint.stop_on_ctrl_c() as stop:
+            for step in pbar:
+                lap = checkpoint.Laps(run.device)
+                now = amft.phase(method, step, cfg.warmup)
+                rows, demos = self.next_batch(now)
+                m = dict(step=step, phase=now.name, **self.controller.metrics(), **dict.fromkeys(METRICS),
+                         prompts_crc32=zlib.crc32("\n".join(r["prompt"] for r in rows).encode()))
+                # 1. sample G per prompt -> rewards -> group advantages -> g_RL
+                g_rl, H = self.rl_gradient(rows, demos, m, lap) if now.rl else ({}, None)
+                # 2. g_SFT on the demonstrations
+                g_sft = self.sft_gradient(demos, m, lap) if now.sft else {}
+                finite = all(math.isfinite(m[k]) for k in ("sft_loss", "rl_loss") if m[k] is not None)
+                # 3. mu: the entropy term every step, dU/dmu every K steps
+                if now.rl and method.mixes:
+                    self.move_mu(step, H, g_rl, g_sft, finite, m, lap)
+                # 4. AdamW on w_RL g_RL + w_SFT g_SFT
+                self.optimizer_step(now, H, g_rl, g_sft, finite, m)
+                self.end_of_step(step, now, m, lap, log, pbar, stop)
+
+
+def train_and_score(run: Run) -> dict:
+    """Score the model before, train it, save it, score it after: the summary."""
+    cfg, model, tok, splits = run.cfg, run.model, run.tok, run.splits
+    trainer = Trainer(run)
+    if parallel.is_main():
+        checkpoint.atomic_json(dataclasses.asdict(cfg), os.path.join(run.out, "config.json"))  # (after a resume works)
+    state = trainer.state
+    if state["before"] is None:
+        state["before"] = held_out_accuracy(model, tok, splits, cfg, run.eos)
+    print(f"{cfg.method}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test prompts; "
+          f"before training {state['before']}")
+    trainer.train()
+    peak = max(parallel.gather_objects(checkpoint.peak_memory(run.device)))  # training's peak (the largest process's)
+    trainer.save()
+    after = held_out_accuracy(model, tok, splits, cfg, run.eos, cfg.pass_k)
     weights, _ = parallel.full_state(model)
     if not parallel.is_main():
         return None
     final = model.merge_and_unload() if cfg.lora_r else model
     with policy.no_progress_bars():
-        final.save_pretrained(os.path.join(out, "model"), state_dict=weights)
-    tok.save_pretrained(os.path.join(out, "model"))
+        final.save_pretrained(os.path.join(run.out, "model"), state_dict=weights)
+    tok.save_pretrained(os.path.join(run.out, "model"))
+    controller, t_start = trainer.controller, run.t_start
     summary = dict(method=cfg.method, model=cfg.model, task=cfg.task, steps=cfg.steps, **after,
                    **{f"{k}_before": v for k, v in state["before"].items()},
-                   final_mu=controller.mu if method.mixes else None, H_target=controller.H_target,
-                   mu_rejected=controller.rejected, meta_silent=controller.silent, skipped_steps=state["skipped"], **scored,
-                   wall_seconds=round(earlier + time.time() - t_start, 1), wall_seconds_this_call=round(time.time() - t_start, 1),
-                   device=device, peak_memory_gib=round(peak / 2**30, 3),
+                   final_mu=controller.mu if run.method.mixes else None, H_target=controller.H_target,
+                   mu_rejected=controller.rejected, meta_silent=controller.silent, skipped_steps=state["skipped"],
+                   **run.scored, wall_seconds=round(trainer.earlier + time.time() - t_start, 1),
+                   wall_seconds_this_call=round(time.time() - t_start, 1), device=run.device,
+                   peak_memory_gib=round(peak / 2**30, 3),
                    bytes_per_param=round(peak / sum(p.numel() for p in model.parameters()), 1))
-    checkpoint.atomic_json(summary, os.path.join(out, "summary.json"))
-    figure = plots.plot_run(out)
-    print(f"after training {after} ({summary['wall_seconds']:.0f} s); results in {out}"
+    checkpoint.atomic_json(summary, os.path.join(run.out, "summary.json"))
+    figure = plots.plot_run(run.out)
+    print(f"after training {after} ({summary['wall_seconds']:.0f} s); results in {run.out}"
           + (f", plot {figure}" if figure else " (pip install matplotlib for curves.png)"))
     return summary
 
