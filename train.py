@@ -521,6 +521,19 @@ class Trainer:
                 self.end_of_step(step, now, m, lap, log, pbar, stop)
 
 
+def accuracy_table(before: dict, after: dict) -> str:
+    """The held-out accuracies before and after training, aligned, to 3 digits (absent: -)."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    lines = [f"{'':24}{'before':>8}{'after':>8}"]
+    for key, label in [("id_accuracy", "ID test"), ("id_accuracy_faces", "  hands with J, Q or K"),
+                       ("id_accuracy_no_faces", "  hands without"), ("ood_accuracy", "OOD test"),
+                       ("ood_accuracy_faces", "  hands with J, Q or K"), ("ood_accuracy_no_faces", "  hands without"),
+                       *[(k, f"ID {k}") for k in after if k.startswith("pass@")]]:
+        if key in after and (after[key] is not None or before.get(key) is not None):
+            lines.append(f"{label:24}{fmt(before.get(key)):>8}{fmt(after[key]):>8}")
+    return "\n".join(lines)
+
+
 def train_and_score(run: Run) -> dict:
     """Score the model before, train it, save it, score it after: the summary."""
     cfg, model, tok, splits = run.cfg, run.model, run.tok, run.splits
@@ -530,8 +543,7 @@ def train_and_score(run: Run) -> dict:
     state = trainer.state
     if state["before"] is None:
         state["before"] = held_out_accuracy(model, tok, splits, cfg, run.eos)
-    print(f"{cfg.method}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test prompts; "
-          f"before training {state['before']}")
+    print(f"{cfg.method}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test prompts")
     trainer.train()
     peak = max(parallel.gather_objects(checkpoint.peak_memory(run.device)))  # training's peak (the largest process's)
     trainer.save()
@@ -554,7 +566,8 @@ def train_and_score(run: Run) -> dict:
                    bytes_per_param=round(peak / sum(p.numel() for p in model.parameters()), 1))
     checkpoint.atomic_json(summary, os.path.join(run.out, "summary.json"))
     figure = plots.plot_run(run.out)
-    print(f"after training {after} ({summary['wall_seconds']:.0f} s); results in {run.out}"
+    print(accuracy_table(state["before"], after))
+    print(f"after training ({summary['wall_seconds']:.0f} s): results in {run.out}"
           + (f", plot {figure}" if figure else " (pip install matplotlib for curves.png)"))
     return summary
 
