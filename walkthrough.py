@@ -54,7 +54,7 @@ roll, r = train.rollouts(model, tok, rows, cfg, eos)              # r: (B, G) re
 for i in range(4):
     print(f"  {rows[0]['prompt']!r} -> {roll.texts[i]!r}: reward {r[0, i]:.0f}")
 A, _, frac_zero = amft.advantages(r)                              # (B*G,): (r - group mean) / group std
-shown = [b for b in range(len(rows)) if r[b].std() > 0][:2]
+shown = ([b for b in range(len(rows)) if r[b].std() > 0] + list(range(len(rows))))[:2]  # groups that differ first
 for b in shown:
     print(f"  group {b}: rewards {r[b].tolist()} -> advantages {[round(a, 2) for a in A.view_as(r)[b].tolist()]}")
 print(f"{frac_zero:.0%} of the groups have equal rewards (advantage 0: no RL signal)")
