@@ -31,7 +31,8 @@ U is the expected verifiable reward on held-out validation prompts (to maximise)
 the policy-gradient surrogate U_sur(phi) = mean_i A_i * mean_t log pi_phi(y_i,t) on validation
 rollouts sampled from pi_theta. dU/dmu has three estimators on the same U_sur:
     first-order (the paper's): grad U taken at theta instead of theta'
-    autograd: grad U_sur(theta'(mu)) by autograd, chained exactly through dtheta'/dmu (exact for U_sur)
+    autograd: grad U_sur(theta'(mu)) by autograd, chained exactly through dtheta'/dmu
+              (exact for U_sur)
     fd: central difference [U(theta'(mu + h)) - U(theta'(mu - h))] / 2h, h sized by dtype
 The controller checks its inputs before it changes anything: a non-finite entropy, loss or
 dU/dmu leaves mu, H_target and the RMS exactly as they were (the step is counted as rejected).
@@ -86,7 +87,8 @@ class Method:
     sft: bool = True                    # add the SFT gradient on demonstrations (after any warm-up)
     warmup: bool = False                # begin with W SFT-only steps
     entropy_term: bool = False          # the controller moves mu by eta_H (H_target - H)
-    meta_term: bool = False             # the controller moves mu by the meta-gradient, every K steps
+    meta_term: bool = False             # the controller moves mu by the meta-gradient,
+                                        # every K steps
     entropy_weighted_sft: bool = False  # SRFT: w_SFT = 0.5 sg(exp(-H)), w_RL = 1
     demo_in_group: bool = False         # the demonstration is each GRPO group's (G+1)-th sample
     shaped: bool = False                # LUFFY: f(p) = p / (p + 0.1) on the demonstration's tokens
@@ -174,7 +176,8 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4):
     A group whose rewards are all equal gets A = 0 exactly: it carries no signal."""
     std = rewards.std(dim=1, keepdim=True)                          # (B, 1)
     zero = std < 1e-8
-    A = torch.where(zero, torch.zeros_like(rewards), (rewards - rewards.mean(1, keepdim=True)) / (std + eps))
+    A = torch.where(zero, torch.zeros_like(rewards),
+                    (rewards - rewards.mean(1, keepdim=True)) / (std + eps))
     return A, zero.float().mean().item()
 
 
@@ -189,7 +192,8 @@ def advantages(r: torch.Tensor, r_demo=None):
     return A[:, :-1].flatten(), A[:, -1], frac
 
 
-def grpo_loss(logp, old_logp, A, mask, eps_low=0.2, eps_high=0.28, beta=0.0, ref_logp=None, denom=None, n_tokens=None):
+def grpo_loss(logp, old_logp, A, mask, eps_low=0.2, eps_high=0.28, beta=0.0, ref_logp=None,
+              denom=None, n_tokens=None):
     """Clipped GRPO/DAPO loss, token-level mean. logp, old_logp, ref_logp, mask: (N, T);
     A: (N,) one advantage per completion. `denom` divides the surrogate: the whole batch's
     token count (srft/luffy add their demonstrations' tokens to it); `n_tokens` divides the
@@ -200,7 +204,8 @@ def grpo_loss(logp, old_logp, A, mask, eps_low=0.2, eps_high=0.28, beta=0.0, ref
     surrogate = torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
     loss = -masked_mean(surrogate, mask, denom=denom)
     n_tokens = denom if n_tokens is None else n_tokens
-    metrics = {"clip_frac": masked_mean((surrogate < ratio * A).float(), mask, denom=n_tokens).item()}
+    metrics = {"clip_frac": masked_mean((surrogate < ratio * A).float(), mask,
+                                        denom=n_tokens).item()}
     if beta > 0:
         # k3 estimator of KL(pi || ref), Schulman 2020: exp(ref - logp) - (ref - logp) - 1
         d = ref_logp - logp
@@ -266,12 +271,17 @@ class MuController:
     which terms are on. The loop asks `meta_due(k)` (is dU/dmu wanted at main-phase step k?) and
     calls `update` once per main-phase step. All state is plain numbers (`state_dict`)."""
 
-    def __init__(self, method: Method, mu0, mu_min, mu_max, eta_meta, eta_H, meta_every, H_target=None, H_target_ema=0.0):
-        self.entropy_term, self.meta_term, self.mixes, self.every = method.entropy_term, method.meta_term, method.mixes, meta_every
+    def __init__(self, method: Method, mu0, mu_min, mu_max, eta_meta, eta_H, meta_every,
+                 H_target=None, H_target_ema=0.0):
+        self.entropy_term, self.meta_term, self.mixes, self.every = (
+            method.entropy_term, method.meta_term, method.mixes, meta_every)
         self.eta_meta, self.eta_H, self.mu_min, self.mu_max = eta_meta, eta_H, mu_min, mu_max
-        self.H_target_ema = H_target_ema  # 0: the spec's target, measured once; > 0: it follows H (an alternative)
-        self.mu, self.H_target, self.meta_v, self.meta_n, self.rejected = float(mu0), H_target, 0.0, 0, 0
-        self.silent = 0  # meta-gradients due but silent: every validation group's rewards were equal
+        # 0: the spec's target, measured once; > 0: it follows H (an alternative)
+        self.H_target_ema = H_target_ema
+        self.mu, self.H_target, self.meta_v, self.meta_n, self.rejected = (
+            float(mu0), H_target, 0.0, 0, 0)
+        # meta-gradients due but silent: every validation group's rewards were equal
+        self.silent = 0
 
     def metrics(self) -> dict:
         return {"mu": self.mu if self.mixes else None, "H_target": self.H_target, "meta_grad": None}
@@ -281,7 +291,8 @@ class MuController:
         update would be refused anyway."""
         return self.meta_term and k % self.every == 0 and math.isfinite(H)
 
-    def update(self, H: float, dU_dmu=None, losses_finite: bool = True, silent: bool = False) -> dict:
+    def update(self, H: float, dU_dmu=None, losses_finite: bool = True,
+               silent: bool = False) -> dict:
         """One step: set H_target on the first call, then move mu. Every input, and every new
         value computed from them, is checked before anything is stored; if one is non-finite
         nothing changes and the step counts as rejected. silent: the meta-gradient was due, but
@@ -300,16 +311,20 @@ class MuController:
         new = [H, H_target, g_H, g_meta, v, mu] + ([dU_dmu] if dU_dmu is not None else [])
         if not losses_finite or not all(math.isfinite(x) for x in new):
             self.rejected += 1
-            return {"mu": self.mu, "H_target": self.H_target, "meta_grad": dU_dmu, "mu_rejected": self.rejected,
-                    "meta_silent": self.silent}  # (a rejected step counts as rejected, not as silent)
+            return {"mu": self.mu, "H_target": self.H_target, "meta_grad": dU_dmu,
+                    "mu_rejected": self.rejected,
+                    # (a rejected step counts as rejected, not as silent)
+                    "meta_silent": self.silent}
         self.mu, self.meta_v, self.meta_n, self.silent = mu, v, n, self.silent + silent
-        self.H_target = H_target + self.H_target_ema * (H - H_target)  # (unchanged when H_target_ema = 0)
+        # (unchanged when H_target_ema = 0)
+        self.H_target = H_target + self.H_target_ema * (H - H_target)
         return {"mu": mu, "H_target": H_target, "meta_grad": dU_dmu,
-                "meta_grad_scaled": g_meta if dU_dmu is not None else None, "mu_rejected": self.rejected,
-                "meta_silent": self.silent}
+                "meta_grad_scaled": g_meta if dU_dmu is not None else None,
+                "mu_rejected": self.rejected, "meta_silent": self.silent}
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("mu", "H_target", "meta_v", "meta_n", "rejected", "silent")}
+        return {k: getattr(self, k)
+                for k in ("mu", "H_target", "meta_v", "meta_n", "rejected", "silent")}
 
     def load_state_dict(self, state: dict):
         for k, v in state.items():
@@ -324,7 +339,8 @@ def lookahead_step(k, g_rl: dict, g_sft: dict, mu, alpha: float):
     when neither was); mu may be a tensor with grad."""
     if k not in g_rl and k not in g_sft:
         return None
-    return alpha * ((1 - mu) * g_rl[k] if k in g_rl else 0) + alpha * (mu * g_sft[k] if k in g_sft else 0)
+    return (alpha * ((1 - mu) * g_rl[k] if k in g_rl else 0)
+            + alpha * (mu * g_sft[k] if k in g_sft else 0))
 
 
 def lookahead(params: dict, g_rl: dict, g_sft: dict, mu, alpha: float) -> dict:
@@ -419,8 +435,10 @@ def fd_step(params, g_rl, g_sft, alpha) -> float:
     rms = lambda t: float(t.detach().double().pow(2).mean().sqrt())
     n = sum(p.numel() for p in params.values())
     theta_rms = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params.values()) / n)
-    diff = {k: g_sft.get(k, 0) - g_rl.get(k, 0) for k in set(g_rl) | set(g_sft)}  # dtheta'/dmu = -alpha diff
-    ratios = [(rms(params[k]) or theta_rms or 1.0) / (alpha * rms(d)) for k, d in diff.items() if alpha * rms(d) > 0]
+    # dtheta'/dmu = -alpha diff
+    diff = {k: g_sft.get(k, 0) - g_rl.get(k, 0) for k in set(g_rl) | set(g_sft)}
+    ratios = [(rms(params[k]) or theta_rms or 1.0) / (alpha * rms(d))
+              for k, d in diff.items() if alpha * rms(d) > 0]
     return 0.1 * torch.finfo(p0.dtype).eps ** (1 / 3) * min(ratios, default=1.0)
 
 
@@ -435,4 +453,5 @@ def meta_grad_fd(U, params, g_rl, g_sft, mu, alpha, chunks, h=None) -> float:
     return (U_at(mu + h) - U_at(mu - h)) / (2 * h)
 
 
-META_GRADS = {"first-order": meta_grad_first_order, "autograd": meta_grad_autograd, "fd": meta_grad_fd}
+META_GRADS = {"first-order": meta_grad_first_order, "autograd": meta_grad_autograd,
+              "fd": meta_grad_fd}

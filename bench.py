@@ -83,14 +83,16 @@ def bench_decode(model, tok, device, B, P, C, samplers):
     for sampler in samplers:
         def run():
             torch.manual_seed(0)
-            drawn[sampler] = policy.sample(model, tok, prompts, G=1, max_new_tokens=C, eos=never, sampler=sampler).completions
+            drawn[sampler] = policy.sample(model, tok, prompts, G=1, max_new_tokens=C, eos=never,
+                                           sampler=sampler).completions
         seconds = timed(run, device, repeat=2)
         same = (drawn[sampler] == drawn["generate"]).float().mean().item()
         rows.append((f"decode {sampler}", seconds / C * 1e3, B * C / seconds, same))
     n_params = sum(p.numel() for p in model.parameters())
     kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * (
         model.config.hidden_size // model.config.num_attention_heads)
-    step_bytes = (n_params + B * (P + C / 2) * kv_per_token) * next(model.parameters()).element_size()
+    step_bytes = ((n_params + B * (P + C / 2) * kv_per_token)
+                  * next(model.parameters()).element_size())
     floor = step_bytes / copy_bandwidth(device)
     rows.append(("decode floor (weights + KV once per step)", floor * 1e3, B / floor, None))
     return rows
@@ -107,15 +109,17 @@ def sampler_agreement(device, samplers, G=4, C=24):
         drawn = {}
         for sampler in samplers:
             torch.manual_seed(7)
-            drawn[sampler] = policy.sample(model, tok, prompts, G=G, max_new_tokens=C, greedy=greedy, eos=[len(tok) + 9],
+            drawn[sampler] = policy.sample(model, tok, prompts, G=G, max_new_tokens=C,
+                                           greedy=greedy, eos=[len(tok) + 9],
                                            sampler=sampler).completions
             agree[sampler, greedy] = (drawn[sampler] == drawn["generate"]).float().mean().item()
     return agree
 
 
 def bench_train(model, device, N, T, micro, ckpt):
-    """tokens/s, TFLOP/s (6 N params), peak GiB of forward+backward over N x T tokens in micro-batches
-    (log-probs of every position, as the peers score them) and one fused AdamW step."""
+    """tokens/s, TFLOP/s (6 N params), peak GiB of forward+backward over N x T tokens in
+    micro-batches (log-probs of every position, as the peers score them) and one fused AdamW
+    step."""
     model.train()
     policy.set_checkpointing(model, ckpt)
     ids = torch.randint(0, model.config.vocab_size, (N, T), device=device)
@@ -148,29 +152,36 @@ def bench_steps(model_name, device, steps, B, G, C, sampler, runs=RUNS):
     for label, method, meta_grad in runs:
         with tempfile.TemporaryDirectory(prefix="amft-bench-") as tmp:
             run_dir = os.path.join(tmp, "run")
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # only the table
+            with contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):  # only the table
                 summary = train.main(train.Config(
-                    model=model_name, method=method, steps=steps, warmup=0, batch_size=B, group_size=G, max_new_tokens=C,
-                    meta_every=2, meta_grad=meta_grad, eval_every=10**6, eval_batch=B, save_every=0, device=device,
+                    model=model_name, method=method, steps=steps, warmup=0, batch_size=B,
+                    group_size=G, max_new_tokens=C, meta_every=2, meta_grad=meta_grad,
+                    eval_every=10**6, eval_batch=B, save_every=0, device=device,
                     sampler=sampler, skip_test=True, out=run_dir))
             with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                 m = [json.loads(line) for line in f][2:]
         plain = [x for x in m if x.get("val_reward") is None]
         meta = [x for x in m if x.get("val_reward") is not None]
-        med = lambda rows, key: statistics.median(x[key] for x in rows) if rows and rows[0][key] is not None else None
+        med = lambda rows, key: (statistics.median(x[key] for x in rows)
+                                 if rows and rows[0][key] is not None else None)
         out[label] = dict(plain=med(plain, "seconds_step"), meta=med(meta, "seconds_step"),
-                          phases={k: med(plain, f"seconds_{k}") for k in ("rollout", "rl", "sft")} | {"meta": med(meta, "seconds_meta")},
-                          peak_gib=summary["peak_memory_gib"], bytes_per_param=summary["bytes_per_param"])
+                          phases={k: med(plain, f"seconds_{k}") for k in ("rollout", "rl", "sft")}
+                                 | {"meta": med(meta, "seconds_meta")},
+                          peak_gib=summary["peak_memory_gib"],
+                          bytes_per_param=summary["bytes_per_param"])
     return out
 
 
 def bench_memory_quick():
-    """The memory replay (memory.py) on the tiny model's shape at small sizes: what --quick checks."""
+    """The memory replay (memory.py) on the tiny model's shape at small sizes: what --quick
+    checks."""
     import memory
-    cfg = memory.recipe_config(meta_grad="autograd", batch_size=2, group_size=2, max_new_tokens=8, val_prompts=1,
-                               micro_batch=2)
+    cfg = memory.recipe_config(meta_grad="autograd", batch_size=2, group_size=2, max_new_tokens=8,
+                               val_prompts=1, micro_batch=2)
     shape = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=len(policy.TINY_CHARS) + 3, tie_word_embeddings=True)
+                 intermediate_size=256, vocab_size=len(policy.TINY_CHARS) + 3,
+                 tie_word_embeddings=True)
     return memory.peak(memory.step_memory(shape, cfg, prompt_tokens=16, demo_tokens=8))
 
 
@@ -192,12 +203,14 @@ def trl_step(model_path, B, G, C, steps):
     tok = AutoTokenizer.from_pretrained(model_path)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_path)
-    args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(prefix="amft-bench-trl-"), use_cpu=not gpu, bf16=gpu,
-                          gradient_checkpointing=True, per_device_train_batch_size=B * G, num_generations=G,
-                          max_completion_length=C, max_steps=steps, logging_steps=1, report_to="none",
-                          save_strategy="no", learning_rate=1e-6, temperature=1.0, seed=0)
+    args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(prefix="amft-bench-trl-"), use_cpu=not gpu,
+                          bf16=gpu, gradient_checkpointing=True, per_device_train_batch_size=B * G,
+                          num_generations=G, max_completion_length=C, max_steps=steps,
+                          logging_steps=1, report_to="none", save_strategy="no",
+                          learning_rate=1e-6, temperature=1.0, seed=0)
     trainer = trl.GRPOTrainer(model=model, processing_class=tok, reward_funcs=reward, args=args,
-                              train_dataset=datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in rows]))
+                              train_dataset=datasets.Dataset.from_list(
+                                  [{"prompt": r["prompt"]} for r in rows]))
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     times, t = [], time.perf_counter()
@@ -210,8 +223,8 @@ def trl_step(model_path, B, G, C, steps):
             t = time.perf_counter()
     trainer.add_callback(Clock())
     trainer.train()
-    return dict(trl=trl.__version__, seconds=statistics.median(times[1:]), first=times[0], steps=len(times),
-                peak_gib=peak_gib("cuda" if gpu else "cpu"))
+    return dict(trl=trl.__version__, seconds=statistics.median(times[1:]), first=times[0],
+                steps=len(times), peak_gib=peak_gib("cuda" if gpu else "cpu"))
 
 
 def tiny_folder(parent):
@@ -221,7 +234,8 @@ def tiny_folder(parent):
 
 def bench_trl(model_path, B, G, C, steps=3):
     """trl_step in its own process, so its memory and imports stay out of ours."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--trl-step", model_path, str(B), str(G), str(C), str(steps)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--trl-step", model_path, str(B), str(G),
+           str(C), str(steps)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:200]}
@@ -229,12 +243,17 @@ def bench_trl(model_path, B, G, C, steps=3):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings: seconds on a CPU")
-    p.add_argument("--compile", action="store_true", help="also time the compiled sampler on a CPU (slow to build)")
-    p.add_argument("--memory", action="store_true", help="only the memory tables: amft's step replayed with live-tensor "
-                   "accounting at the pretrained recipe's sizes for Qwen2.5 0.5B to 7B (memory.py; no GPU needed, ~5 minutes)")
-    p.add_argument("--trl", action="store_true", help="also time TRL's GRPOTrainer at the step settings (needs trl, datasets)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the compiled sampler on a CPU (slow to build)")
+    p.add_argument("--memory", action="store_true",
+                   help="only the memory tables: amft's step replayed with live-tensor "
+                        "accounting at the pretrained recipe's sizes for Qwen2.5 0.5B to 7B "
+                        "(memory.py; no GPU needed, ~5 minutes)")
+    p.add_argument("--trl", action="store_true",
+                   help="also time TRL's GRPOTrainer at the step settings (needs trl, datasets)")
     p.add_argument("--json", default="", help="also write every figure to this JSON file")
     p.add_argument("--trl-step", nargs=5, help=argparse.SUPPRESS)  # bench_trl's child process
     a = p.parse_args(argv)
@@ -250,7 +269,8 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     big = cuda and not a.quick
-    # settings: the GPU ones (TRL's GRPO step: 8 prompts x 8 completions x 256 new tokens), or CPU-sized ones
+    # settings: the GPU ones (TRL's GRPO step: 8 prompts x 8 completions x 256 new tokens), or
+    # CPU-sized ones
     B, P, C = (64, 128, 256) if big else ((4, 16, 8) if a.quick else (16, 32, 32))
     N, T = (64, 384) if big else ((4, 32) if a.quick else (16, 64))
     sB, sG, sC, sSteps = (8, 8, 256, 6) if big else ((2, 2, 4, 4) if a.quick else (8, 8, 16, 6))
@@ -264,12 +284,14 @@ def main(argv=None):
         model, tok = policy.load_policy(model_name, dtype=dtype, device=device)
         model.eval()
         n_params = sum(p.numel() for p in model.parameters())
-        say(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; "
+        say(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; "
+            f"torch {torch.__version__}; "
             f"model: {'random-0.5b' if big else 'tiny'} ({n_params / 1e6:.1f} M params)")
         samplers = ["generate", "loop"] + (["compiled"] if cuda or a.compile else [])
         result = {"decode": bench_decode(model, tok, device, B, P, C, samplers)}
         say(f"decode: {result['decode']}")
-        result["agreement"] = {f"{s}{' greedy' if g else ''}": v for (s, g), v in sampler_agreement(device, samplers).items()}
+        result["agreement"] = {f"{s}{' greedy' if g else ''}": v
+                               for (s, g), v in sampler_agreement(device, samplers).items()}
         say(f"samplers: {result['agreement']}")
         grid = [(8, True), (8, False), (16, False), (32, False)] if big else [(N // 2, True)]
         result["train"] = []
@@ -281,13 +303,15 @@ def main(argv=None):
         if big:  # the recipe's precision: float32 weights and AdamW, bfloat16 autocast
             model, _ = policy.load_policy(folder, device=device, amp=True)
             for micro, ckpt in [(16, True), (16, False)]:
-                result["train"].append(("float32 + amp", micro, ckpt, *bench_train(model, device, N, T, micro, ckpt)))
+                result["train"].append(("float32 + amp", micro, ckpt,
+                                        *bench_train(model, device, N, T, micro, ckpt)))
                 say(f"train: {result['train'][-1]}")
             del model
         if cuda:
             torch.cuda.empty_cache()
         try:
-            result["steps"] = bench_steps(model_name, device, sSteps, sB, sG, sC, "compiled" if cuda else "generate",
+            result["steps"] = bench_steps(model_name, device, sSteps, sB, sG, sC,
+                                          "compiled" if cuda else "generate",
                                           RUNS if big or not a.quick else RUNS[:2])
         except Exception as e:  # the other rows still print
             result["steps"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -300,7 +324,8 @@ def main(argv=None):
         say(f"trl: {result['trl']}")
         if cuda or a.compile:
             counters = torch._dynamo.utils.counters
-            say(f"torch.compile: {dict(counters['stats'])}; {dict((k, v) for k, v in counters['inductor'].items() if 'cudagraph' in k)}")
+            say(f"torch.compile: {dict(counters['stats'])}; "
+                f"{dict((k, v) for k, v in counters['inductor'].items() if 'cudagraph' in k)}")
     result["table"] = table(result, B, P, C, N, T, sB, sG, sC, cuda)
     print(result["table"])
     if a.json:
@@ -313,13 +338,16 @@ def table(r, B, P, C, N, T, sB, sG, sC, cuda) -> str:
     base = r["decode"][0][1]
     lines = ["| what | value | vs baseline |", "|---|---|---|"]
     lines += [f"| {name}, B={B}, prompt {P}, {C} new | {ms:.2f} ms/step, {tps:,.0f} tok/s"
-              + (f", same tokens {same:.0%}" if same is not None and name != "decode generate" else "")
+              + (f", same tokens {same:.0%}" if same is not None and name != "decode generate"
+                 else "")
               + f" | {base / ms:.2f}x generate |" for name, ms, tps, same in r["decode"]]
     lines.append("| samplers = generate (tiny, float32, ragged prompts; sampled / greedy) | "
-                 + ", ".join(f"{k} {v:.0%}" for k, v in r["agreement"].items() if not k.startswith("generate")) + " | |")
+                 + ", ".join(f"{k} {v:.0%}" for k, v in r["agreement"].items()
+                             if not k.startswith("generate")) + " | |")
     for dtype, micro, ckpt, tokens_s, tflops, peak in r["train"]:
         memory = f", peak {peak:.1f} GiB" if cuda else ""
-        lines.append(f"| train fwd+bwd+AdamW, {N} x {T} tokens, {dtype}, micro-batch {micro}, grad ckpt {'on' if ckpt else 'off'} "
+        lines.append(f"| train fwd+bwd+AdamW, {N} x {T} tokens, {dtype}, micro-batch {micro}, "
+                     f"grad ckpt {'on' if ckpt else 'off'} "
                      f"| {tokens_s:,.0f} tok/s, {tflops:.2f} TFLOP/s{memory} | |")
     if "error" in r["steps"]:
         lines.append(f"| steps | failed: {r['steps']['error']} | |")
@@ -330,15 +358,17 @@ def table(r, B, P, C, N, T, sB, sG, sC, cuda) -> str:
         phases = ", ".join(f"{k} {v:.2f}" for k, v in s["phases"].items() if v is not None)
         memory = f"; peak {s['peak_gib']:.1f} GiB {where} ({s['bytes_per_param']:.0f} B/param)"
         if label == "fixed-mix":
-            lines.append(f"| step: fixed-mix, B={sB} x G={sG} x {sC} new | {fixed:.3f} s ({phases}){memory} | 1.00x fixed-mix |")
+            lines.append(f"| step: fixed-mix, B={sB} x G={sG} x {sC} new | "
+                         f"{fixed:.3f} s ({phases}){memory} | 1.00x fixed-mix |")
             continue
         for K in (1, 20):
             t = s["meta"] if K == 1 else (s["plain"] * (K - 1) + s["meta"]) / K
             lines.append(f"| step: {label}, meta every {K if K > 1 else 'step'} | {t:.3f} s"
-                         + (f" ({phases}){memory}" if K == 1 else "") + f" | {t / fixed:.2f}x fixed-mix |")
+                         + (f" ({phases}){memory}" if K == 1 else "")
+                         + f" | {t / fixed:.2f}x fixed-mix |")
     if r["memory"] is not None:
-        lines.append(f"| memory: tiny shape, amft step replayed (memory.py), B=2 x G=2 x 8 new | {r['memory'] / 2**20:.1f} MiB "
-                     "of live tensors at the peak | |")
+        lines.append("| memory: tiny shape, amft step replayed (memory.py), B=2 x G=2 x 8 new | "
+                     f"{r['memory'] / 2**20:.1f} MiB of live tensors at the peak | |")
     trl = r["trl"]
     if trl is None:
         lines.append("| TRL GRPOTrainer | not run (--trl) | |")
@@ -346,8 +376,11 @@ def table(r, B, P, C, N, T, sB, sG, sC, cuda) -> str:
         lines.append(f"| TRL GRPOTrainer | failed: {trl['error']} | |")
     else:
         amft = r["steps"].get("amft first-order")
-        ratio = f"amft (meta every 20) {trl['seconds'] / ((amft['plain'] * 19 + amft['meta']) / 20):.1f}x faster" if amft else ""
-        lines.append(f"| TRL {trl['trl']} GRPOTrainer, B={sB} x G={sG} x {sC} new | {trl['seconds']:.3f} s/step "
+        ratio = ("amft (meta every 20) "
+                 f"{trl['seconds'] / ((amft['plain'] * 19 + amft['meta']) / 20):.1f}x faster"
+                 if amft else "")
+        lines.append(f"| TRL {trl['trl']} GRPOTrainer, B={sB} x G={sG} x {sC} new | "
+                     f"{trl['seconds']:.3f} s/step "
                      f"(first {trl['first']:.1f} s), peak {trl['peak_gib']:.1f} GiB | {ratio} |")
     return "\n".join(lines)
 

@@ -56,7 +56,8 @@ def save_checkpoint(path, model, tok, opt, state: dict, ref_model=None, full=(No
     tok.save_pretrained(tmp)
     torch.save({"optimizer": optimizer_state if optimizer_state is not None else opt.state_dict(),
                 "optimizer_by_name": optimizer_state is not None, "state": state,
-                "ref": ref_model.state_dict() if ref_model is not None else None}, os.path.join(tmp, "trainer_state.pt"))
+                "ref": ref_model.state_dict() if ref_model is not None else None},
+               os.path.join(tmp, "trainer_state.pt"))
     if os.path.isdir(path):
         os.replace(path, old)
     os.replace(tmp, path)
@@ -74,7 +75,8 @@ def load_checkpoint(path, model, opt):
             parallel.load_full_optimizer_state(model, opt, saved["optimizer"])
         elif parallel.sharded():  # whole weights then, sharded now
             names = [n for n, p in model.named_parameters() if p.requires_grad]
-            parallel.load_full_optimizer_state(model, opt, parallel.by_name(saved["optimizer"], names))
+            parallel.load_full_optimizer_state(model, opt,
+                                               parallel.by_name(saved["optimizer"], names))
         else:
             opt.load_state_dict(saved["optimizer"])
         ref_model = None
@@ -84,8 +86,9 @@ def load_checkpoint(path, model, opt):
         return saved["state"], ref_model
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
-            raise ValueError(f"{file} holds objects other than tensors and plain data; refusing to load it "
-                             f"(it could run code). Only resume checkpoints written by train.py") from None
+            raise ValueError(f"{file} holds objects other than tensors and plain data; "
+                             "refusing to load it (it could run code). Only resume checkpoints "
+                             "written by train.py") from None
         raise ValueError(f"{file} is damaged and cannot be read ({first_line(e)})") from None
     except Exception as e:
         raise ValueError(f"{file} is damaged and cannot be read ({first_line(e)})") from None
@@ -113,7 +116,8 @@ def streams(data_rng, val_rng, val_stream: dict) -> dict:
     """The state of every random stream of a run: training order, validation prompts, the
     validation rollouts' torch stream, and torch's own (training rollouts), CPU and CUDA."""
     return {"data": data_rng.getstate(), "val": val_rng.getstate(), "val_torch": val_stream,
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def restore_streams(state: dict, data_rng, val_rng, val_stream: dict, rank=0, world=1, seed=0):
@@ -173,7 +177,8 @@ def torch_stream(stream: dict):
             if devices and stream.get("cuda") is not None:
                 torch.cuda.set_rng_state_all(stream["cuda"])
         yield
-        stream.update(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if devices else None)
+        stream.update(cpu=torch.get_rng_state(),
+                      cuda=torch.cuda.get_rng_state_all() if devices else None)
 
 
 @contextlib.contextmanager
@@ -181,8 +186,8 @@ def stop_on_ctrl_c():
     """Ctrl-C asks the loop to stop between steps (so the checkpoint is consistent); a second
     Ctrl-C interrupts at once. The previous handler is back when the block ends."""
     stop = []
-    # under torchrun a Ctrl-C reaches the launcher too, which then sends SIGTERM to every process and
-    # waits 30 s before killing them: SIGTERM also asks for a stop at the end of the step
+    # under torchrun a Ctrl-C reaches the launcher too, which then sends SIGTERM to every process
+    # and waits 30 s before killing them: SIGTERM also asks for a stop at the end of the step
     signals = [signal.SIGINT] + ([signal.SIGTERM] if parallel.launched() else [])
 
     def handler(signum, _):

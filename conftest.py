@@ -10,7 +10,8 @@ import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("AMFT_CACHE", tempfile.mkdtemp(prefix="amft-test-cache-"))  # the tiny base, for these tests only
+# the tiny base, for these tests only
+os.environ.setdefault("AMFT_CACHE", tempfile.mkdtemp(prefix="amft-test-cache-"))
 
 import pytest
 import torch
@@ -22,8 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="session", autouse=True)
 def quick_tiny_base():
-    """The cache holds a tiny base after 30 steps (the real one takes 600, about 1.5 minutes), so
-    runs of the default model start at once; the tests of the base build their own."""
+    """The cache holds a tiny base after 30 steps (the real one takes 600, about 1.5 minutes),
+    so runs of the default model start at once; the tests of the base build their own."""
     import pretrain
     path = os.path.join(pretrain.cache_dir(), f"tiny-base-{pretrain.VERSION}")
     if not os.path.isfile(os.path.join(path, "base.json")):
@@ -37,23 +38,27 @@ def run(tmp_path, name="run", **kw):
     metrics lines and output folder."""
     import train
     out = tmp_path / name
-    summary = train.main(train.Config(out=str(out), **{**dict(model="tiny", recipe="tiny", eval_every=1000, save_every=0,
+    summary = train.main(train.Config(out=str(out), **{**dict(model="tiny", recipe="tiny",
+                                                               eval_every=1000, save_every=0,
                                                                skip_test=True), **kw}))
-    return summary, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
+    return summary, [json.loads(line)
+                     for line in (out / "metrics.jsonl").read_text().splitlines()], out
 
 
-SMALL = dict(batch_size=3, group_size=2, max_new_tokens=8, val_prompts=3)  # a step in well under a second
+# a step in well under a second
+SMALL = dict(batch_size=3, group_size=2, max_new_tokens=8, val_prompts=3)
 
 
 def run_cli(*args, timeout=300):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=HERE)
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
 
 
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory):
-    return policy.make_tiny_model(str(tmp_path_factory.mktemp("tiny")), n_layer=2, n_embd=32, n_head=2)
+    return policy.make_tiny_model(str(tmp_path_factory.mktemp("tiny")),
+                                  n_layer=2, n_embd=32, n_head=2)
 
 
 @pytest.fixture(scope="session")
@@ -69,18 +74,27 @@ def write_jsonl(path, rows):
 @pytest.fixture(scope="session")
 def math_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("math")
-    gsm = [{"question": f"Tom has {a} pens and buys {b}. How many?", "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b:,}"}
+    gsm = [{"question": f"Tom has {a} pens and buys {b}. How many?",
+            "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b:,}"}
            for a in range(1, 9) for b in range(1, 6)]
-    math500 = [{"problem": f"Compute ${a}/{b}$.", "solution": f"It is $\\boxed{{\\frac{{{a}}}{{{b}}}}}$.", "answer": f"\\frac{{{a}}}{{{b}}}",
-                "subject": "Algebra", "level": 1, "unique_id": str(a)} for a in range(1, 6) for b in range(2, 6)]
-    openr1 = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {a} squared?"}],
-               "target": [{"role": "assistant", "content": f"{a}*{a}={a * a}. \\boxed{{{a * a}}}"}],
-               "reward_model": {"ground_truth": str(a * a), "style": "rule"}} for a in range(1, 21)]
-    return {"gsm8k": write_jsonl(d / "gsm8k.jsonl", gsm), "math500": write_jsonl(d / "math500.jsonl", math500),
+    math500 = [{"problem": f"Compute ${a}/{b}$.",
+                "solution": f"It is $\\boxed{{\\frac{{{a}}}{{{b}}}}}$.",
+                "answer": f"\\frac{{{a}}}{{{b}}}",
+                "subject": "Algebra", "level": 1, "unique_id": str(a)}
+               for a in range(1, 6) for b in range(2, 6)]
+    openr1 = [{"prompt": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": f"What is {a} squared?"}],
+               "target": [{"role": "assistant",
+                           "content": f"{a}*{a}={a * a}. \\boxed{{{a * a}}}"}],
+               "reward_model": {"ground_truth": str(a * a), "style": "rule"}}
+              for a in range(1, 21)]
+    return {"gsm8k": write_jsonl(d / "gsm8k.jsonl", gsm),
+            "math500": write_jsonl(d / "math500.jsonl", math500),
             "openr1": write_jsonl(d / "openr1.jsonl", openr1)}
 
 
-WARM_TASK = dict(target="10", demo="formula")  # the task the warm model has seen whole: runs on it pass these
+# the task the warm model has seen whole: runs on it pass these
+WARM_TASK = dict(target="10", demo="formula")
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +115,8 @@ def warm_path(tmp_path_factory):
     torch.manual_seed(0)
     for _ in range(200):
         batch = [data.reshuffle(r, rng) for r in rng.sample(rows, 16)]
-        demos = policy.sft_batch(tok, [r["prompt"] for r in batch], [r["demo"] for r in batch], tok.eos_token_id, "cpu")
+        demos = policy.sft_batch(tok, [r["prompt"] for r in batch], [r["demo"] for r in batch],
+                                 tok.eos_token_id, "cpu")
         logp = policy.token_logprobs(model, demos.ids, demos.attn, n_last=demos.mask.shape[1])
         amft.sft_loss(logp, demos.mask).backward()
         opt.step()

@@ -65,12 +65,14 @@ def make_prompt(cards, target: int, rule: str, style: str = "compact") -> str:
     plain (pretrained models): the same in words, with the answer asked for in \boxed{}."""
     if style == "compact":
         return f"{' '.join(cards)}; {RULE_TEXT[rule]}; {target}="
-    return (f"Cards: {', '.join(cards)}. A counts as 1, 2 to 10 count as their number, and {PLAIN_RULE[rule]}. "
-            f"Write one arithmetic formula that uses the value of each card exactly once, with +, -, *, / and "
-            f"parentheses, and equals {target}. Put the formula in \\boxed{{}}, for example \\boxed{{(1+2)*3}}.")
+    return (f"Cards: {', '.join(cards)}. A counts as 1, 2 to 10 count as their number, and "
+            f"{PLAIN_RULE[rule]}. Write one arithmetic formula that uses the value of each card "
+            f"exactly once, with +, -, *, / and parentheses, and equals {target}. Put the formula "
+            f"in \\boxed{{}}, for example \\boxed{{(1+2)*3}}.")
 
 
-def make_demo(formula: str, values, target: int, style: str = "compact", demo: str = "reading") -> str:
+def make_demo(formula: str, values, target: int, style: str = "compact",
+              demo: str = "reading") -> str:
     """The demonstration y*. 'reading' first reads each card's value under the rule the prompt
     states, then gives the formula over those values: compact '2 10 5: 5+10/2' (the base's own
     words for a hand's values, `pretrain.corpus_line`), plain 'The cards are worth 2, 10 and 5.'
@@ -79,7 +81,8 @@ def make_demo(formula: str, values, target: int, style: str = "compact", demo: s
     reading earns nothing by itself, and a formula over misread values scores 0."""
     if style == "compact":
         return f"{' '.join(map(str, values))}: {formula}" if demo == "reading" else formula
-    worth = ", ".join(map(str, values[:-1])) + f" and {values[-1]}" if len(values) > 1 else str(values[0])
+    worth = (", ".join(map(str, values[:-1])) + f" and {values[-1]}" if len(values) > 1
+             else str(values[0]))
     read = f"The cards are worth {worth}.\n" if demo == "reading" else ""
     return f"{read}{formula} = {target}\n\\boxed{{{formula}}}"
 
@@ -119,7 +122,8 @@ def reshuffle(row: dict, rng: random.Random) -> dict:
         return row
     cards = list(row["cards"])
     rng.shuffle(cards)
-    return _row(cards, row["target"], row["rule"], row["style"], row["demo_kind"])[0]  # solvable in one order: in all
+    # solvable in one order: in all
+    return _row(cards, row["target"], row["rule"], row["style"], row["demo_kind"])[0]
 
 
 # ---------------------------------------------------------------------------- splits
@@ -141,10 +145,10 @@ def parse_targets(spec) -> list:
         targets = [int(x) for x in text.split(",")]
     else:
         targets = []
-    if not targets or len(set(targets)) != len(targets) or not all(1 <= t <= MAX_TARGET for t in targets) \
-            or len(targets) > MAX_TARGETS:
-        raise ValueError(f"--target {spec}: expected a whole number from 1 to {MAX_TARGET} (24), a range (6-15) or a "
-                         f"list (10,12,24), at most {MAX_TARGETS} targets")
+    if not targets or len(set(targets)) != len(targets) \
+            or not all(1 <= t <= MAX_TARGET for t in targets) or len(targets) > MAX_TARGETS:
+        raise ValueError(f"--target {spec}: expected a whole number from 1 to {MAX_TARGET} (24), "
+                         f"a range (6-15) or a list (10,12,24), at most {MAX_TARGETS} targets")
     return targets
 
 
@@ -155,8 +159,8 @@ def problem_key(hand, target: int) -> tuple:
     return tuple(sorted(card_value(c, "id") for c in hand)), target
 
 
-def general_points_rows(hands, target: int, rule: str, rng: random.Random, orders: int = 1, style="compact",
-                        demo="reading"):
+def general_points_rows(hands, target: int, rule: str, rng: random.Random, orders: int = 1,
+                        style="compact", demo="reading"):
     """Rows for the solvable hands, each hand shown in up to `orders` distinct card orders
     (test splits use several, so accuracy is measured on more prompts without more hands)."""
     rows = []
@@ -173,12 +177,14 @@ def _row(cards, target, rule, style="compact", demo="reading"):
     formula = solve(values, target)
     if formula is None:
         return []
-    return [{"prompt": make_prompt(cards, target, rule, style), "demo": make_demo(formula, values, target, style, demo),
-             "values": values, "target": target, "cards": cards, "rule": rule, "style": style, "demo_kind": demo}]
+    return [{"prompt": make_prompt(cards, target, rule, style),
+             "demo": make_demo(formula, values, target, style, demo),
+             "values": values, "target": target, "cards": cards, "rule": rule, "style": style,
+             "demo_kind": demo}]
 
 
-def split_hands(hands, target, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_orders=2, style="compact",
-                max_val=200, demo="reading", eval_hands=2):
+def split_hands(hands, target, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_orders=2,
+                style="compact", max_val=200, demo="reading", eval_hands=2):
     """{'train', 'val', 'test', 'test_ood'} lists of rows, split by problem (problem_key): the
     solvable (ID values, target) problems are shuffled with `seed` and split 70/10/20, and every
     hand goes where its problem went. So no val or test hand shares its values and target with a
@@ -192,29 +198,37 @@ def split_hands(hands, target, seed: int = 0, test_frac=0.2, val_frac=0.1, eval_
     for t in parse_targets(target):
         for hand in sorted(set(tuple(sorted(h, key=RANKS.index)) for h in hands)):
             by_problem.setdefault(problem_key(hand, t), []).append(hand)
-    problems = [p for p in by_problem if solve(list(p[0]), p[1]) is not None]  # only solvable problems count
+    # only solvable problems count
+    problems = [p for p in by_problem if solve(list(p[0]), p[1]) is not None]
     rng.shuffle(problems)
     n_test, n_val = max(1, int(len(problems) * test_frac)), max(1, int(len(problems) * val_frac))
-    parts = {"test": problems[:n_test], "val": problems[n_test:n_test + n_val], "train": problems[n_test + n_val:]}
+    parts = {"test": problems[:n_test], "val": problems[n_test:n_test + n_val],
+             "train": problems[n_test + n_val:]}
 
-    def drawn(name, problem):  # every hand of a training problem; up to eval_hands of a held-out one's
+    # every hand of a training problem; up to eval_hands of a held-out one's
+    def drawn(name, problem):
         all_ = by_problem[problem]
         return all_ if name == "train" else rng.sample(all_, min(eval_hands, len(all_)))
-    hands_of = {name: [(h, p[1]) for p in part for h in drawn(name, p)] for name, part in parts.items()}
+    hands_of = {name: [(h, p[1]) for p in part for h in drawn(name, p)]
+                for name, part in parts.items()}
 
     def rows(name, rule, orders):
-        return [r for h, t in hands_of[name] for r in general_points_rows([h], t, rule, rng, orders, style, demo)]
+        return [r for h, t in hands_of[name]
+                for r in general_points_rows([h], t, rule, rng, orders, style, demo)]
     train_rows, val_rows = rows("train", "id", 1), rows("val", "id", eval_orders)
-    if len(val_rows) > max_val:  # 4 cards: ~1,000 rows; checking them all every --eval-every steps is slow
+    # 4 cards: ~1,000 rows; checking them all every --eval-every steps is slow
+    if len(val_rows) > max_val:
         val_rows = rng.sample(val_rows, max_val)
     return {"train": train_rows, "val": val_rows, "test": rows("test", "id", eval_orders),
             "test_ood": rows("test", "ood", eval_orders)}
 
 
-def general_points(n_cards: int = 3, target=10, seed: int = 0, style: str = "compact", demo: str = "reading",
-                   eval_orders: int = 2):
-    """The built-in task: every multiset of n_cards ranks with each target, split 70/10/20 by problem."""
-    return split_hands(all_hands(n_cards), target, seed, style=style, demo=demo, eval_orders=eval_orders)
+def general_points(n_cards: int = 3, target=10, seed: int = 0, style: str = "compact",
+                   demo: str = "reading", eval_orders: int = 2):
+    """The built-in task: every multiset of n_cards ranks with each target, split 70/10/20 by
+    problem."""
+    return split_hands(all_hands(n_cards), target, seed, style=style, demo=demo,
+                       eval_orders=eval_orders)
 
 
 def has_face(row) -> bool:
@@ -231,7 +245,8 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 def _text(x) -> str:
     """A chat message list (OpenR1's `prompt` and `target`) or a string, as plain text."""
     if isinstance(x, list):
-        turns = [m.get("content", "") for m in x if isinstance(m, dict) and m.get("role") != "system"]
+        turns = [m.get("content", "") for m in x
+                 if isinstance(m, dict) and m.get("role") != "system"]
         return str(turns[-1]) if turns else ""
     return "" if x is None else str(x)
 
@@ -239,7 +254,8 @@ def _text(x) -> str:
 def math_row(ex: dict):
     """{"prompt", "demo", "answer"} from one example of a known schema, or None.
     gsm8k: question / answer ('... #### 72'); MATH-500: problem / solution / answer;
-    OpenR1 (LUFFY): prompt / target / reward_model.ground_truth; generic: prompt / answer / demo."""
+    OpenR1 (LUFFY): prompt / target / reward_model.ground_truth; generic: prompt / answer /
+    demo."""
     if "question" in ex and "####" in str(ex.get("answer", "")):
         work, _, answer = str(ex["answer"]).rpartition("####")
         work = re.sub(r"<<[^>]*>>", "", work).strip()  # GSM8K's calculator annotations
@@ -248,7 +264,8 @@ def math_row(ex: dict):
     elif "problem" in ex and "answer" in ex:
         problem, demo, answer = ex["problem"], ex.get("solution"), ex["answer"]
     elif "prompt" in ex and isinstance(ex.get("reward_model"), dict):
-        problem, demo, answer = _text(ex["prompt"]), _text(ex.get("target")) or None, ex["reward_model"].get("ground_truth")
+        problem, demo, answer = (_text(ex["prompt"]), _text(ex.get("target")) or None,
+                                 ex["reward_model"].get("ground_truth"))
     elif "prompt" in ex and "answer" in ex:
         problem, demo, answer = ex["prompt"], ex.get("demo"), ex["answer"]
     else:
@@ -285,21 +302,25 @@ def check_json_file(path: str):
                 try:
                     row = json.loads(line)
                 except ValueError as e:
-                    raise ValueError(f"--task {path}: line {n} is not JSON ({e.msg}, column {e.colno})") from None
+                    raise ValueError(f"--task {path}: line {n} is not JSON "
+                                     f"({e.msg}, column {e.colno})") from None
                 if not isinstance(row, dict):
-                    raise ValueError(f"--task {path}: line {n} is not a JSON object ({{\"field\": value, ...}})")
+                    raise ValueError(f"--task {path}: line {n} is not a JSON object "
+                                     f"({{\"field\": value, ...}})")
     else:
         try:
             json.loads(text)
         except ValueError as e:
-            raise ValueError(f"--task {path}: not JSON ({e.msg}, line {e.lineno}, column {e.colno})") from None
+            raise ValueError(f"--task {path}: not JSON "
+                             f"({e.msg}, line {e.lineno}, column {e.colno})") from None
 
 
 def why_unusable(ex: dict) -> str:
     """Why math_row(ex) is None, in a few words."""
     fields = sorted(k for k, v in ex.items() if v is not None)
     if any(k in fields for k in ("question", "problem", "prompt")):
-        return "no answer" if not any(k in fields for k in ("answer", "reward_model")) else "an empty question or answer"
+        return ("no answer" if not any(k in fields for k in ("answer", "reward_model"))
+                else "an empty question or answer")
     return f"its fields {fields} match no schema"
 
 
@@ -310,24 +331,27 @@ def _load_math(task: str):
         repo, name = HUB[task]
         from model import OFFLINE_HINT, hub_offline, hub_reachable
         if not hub_offline() and not hub_reachable():
-            raise ValueError(f"--task {task}: cannot load {repo}: {OFFLINE_HINT}; or save it as a file where there is "
-                             f"network and pass --task path/to/{task}.jsonl")
+            raise ValueError(f"--task {task}: cannot load {repo}: {OFFLINE_HINT}; or save it as a "
+                             f"file where there is network and pass --task path/to/{task}.jsonl")
         try:
             return datasets.load_dataset(repo, name)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ValueError(f"--task {task}: cannot load {repo} from the hub or the local cache ({first}); "
-                             f"save it as a file where there is network and pass --task path/to/{task}.jsonl") from None
+            raise ValueError(f"--task {task}: cannot load {repo} from the hub or the local cache "
+                             f"({first}); save it as a file where there is network and pass "
+                             f"--task path/to/{task}.jsonl") from None
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(task)[1])
     if kind is None:
-        raise ValueError(f"--task {task}: expected general-points, {', '.join(HUB)}, or a .jsonl/.json/.parquet file")
+        raise ValueError(f"--task {task}: expected general-points, {', '.join(HUB)}, or a "
+                         ".jsonl/.json/.parquet file")
     if kind == "json":
         check_json_file(task)
     try:
         with local_file_quiet(datasets):
             return datasets.load_dataset(kind, data_files=task)
     except Exception as e:
-        raise ValueError(f"--task {task}: cannot read it: {(str(e).strip().splitlines() or [''])[0][:200]}") from None
+        raise ValueError(f"--task {task}: cannot read it: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:200]}") from None
 
 
 def math_task(task: str, seed: int = 0, test_frac=0.2, max_val=200):
@@ -340,15 +364,16 @@ def math_task(task: str, seed: int = 0, test_frac=0.2, max_val=200):
         rows[name] = []
         for i, ex in enumerate(split):
             row = math_row(ex)
-            rows[name].append(row) if row is not None else skipped.append(f"{name} row {i + 1}: {why_unusable(ex)}")
+            rows[name].append(row) if row is not None else skipped.append(
+                f"{name} row {i + 1}: {why_unusable(ex)}")
         total += len(split)
     if skipped and any(rows.values()):  # reported, not dropped silently
-        print(f"note: --task {task}: {len(skipped)} of {total} rows skipped ({'; '.join(skipped[:3])}"
-              f"{'; ...' if len(skipped) > 3 else ''})", file=sys.stderr)
+        print(f"note: --task {task}: {len(skipped)} of {total} rows skipped "
+              f"({'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''})", file=sys.stderr)
     if not any(rows.values()):
-        raise ValueError(f"--task {task}: no usable rows; fields found: {first.column_names}; expected "
-                         "question/answer (GSM8K), problem/solution/answer (MATH), prompt/target/reward_model "
-                         "(OpenR1) or prompt/answer/demo")
+        raise ValueError(f"--task {task}: no usable rows; fields found: {first.column_names}; "
+                         "expected question/answer (GSM8K), problem/solution/answer (MATH), "
+                         "prompt/target/reward_model (OpenR1) or prompt/answer/demo")
     rng = random.Random(seed)
     if "test" in rows and len(rows) > 1:
         test = rows.pop("test")
@@ -363,18 +388,21 @@ def math_task(task: str, seed: int = 0, test_frac=0.2, max_val=200):
     n_val = max(1, min(max_val, len(train) // 20))
     val, train = train[:n_val], [r for r in train[n_val:] if r["demo"]]
     if not train:
-        raise ValueError(f"--task {task}: no training row has a demonstration (solution / target / demo)")
+        raise ValueError(f"--task {task}: no training row has a demonstration "
+                         "(solution / target / demo)")
     return {"train": train, "val": val, "test": test}
 
 
-def load_task(task: str, seed: int = 0, cards: int = 3, target=10, style: str = "compact", demo: str = "reading"):
+def load_task(task: str, seed: int = 0, cards: int = 3, target=10, style: str = "compact",
+              demo: str = "reading"):
     """Every task by name: general-points, gsm8k, math500, openr1, or a local file (a file whose
     rows have `cards` is a General Points hand list; any other is a math dataset). `style` is the
     General Points prompt (make_prompt)."""
     if task == "general-points":
         return general_points(cards, target, seed, style, demo)
     if task not in HUB and not os.path.isfile(task):
-        raise ValueError(f"--task {task}: not general-points, {', '.join(HUB)}, or an existing file")
+        raise ValueError(f"--task {task}: not general-points, {', '.join(HUB)}, "
+                         "or an existing file")
     if os.path.isfile(task) and task.endswith((".jsonl", ".json")) and _has_cards(task):
         return hands_from_file(task, target, seed, style, demo)
     return math_task(task, seed)
@@ -384,7 +412,8 @@ def drop_long_demos(rows, n_tokens, limit: int):
     """(the rows whose demonstration is at most `limit` tokens, the indices of the others).
     n_tokens(texts) counts each text's tokens; limit 0 keeps every row."""
     lengths = n_tokens([r["demo"] for r in rows]) if limit and rows else [0] * len(rows)
-    return [r for r, n in zip(rows, lengths) if n <= limit or not limit], [i for i, n in enumerate(lengths) if limit and n > limit]
+    return ([r for r, n in zip(rows, lengths) if n <= limit or not limit],
+            [i for i, n in enumerate(lengths) if limit and n > limit])
 
 
 def _has_cards(path: str) -> bool:
@@ -394,13 +423,15 @@ def _has_cards(path: str) -> bool:
 
 
 def reward(row: dict, completion: str, verifier: str = "builtin") -> float:
-    """The task's verifier for one completion (`verifier`: the math one, rewards.resolve_verifier)."""
+    """The task's verifier for one completion (`verifier`: the math one,
+    rewards.resolve_verifier)."""
     if "values" in row:
         return rewards.general_points_reward(completion, row["values"], row["target"])
     return rewards.math_reward(completion, row["answer"], verifier)
 
 
-def hands_from_file(path: str, target, seed: int = 0, style: str = "compact", demo: str = "reading"):
+def hands_from_file(path: str, target, seed: int = 0, style: str = "compact",
+                    demo: str = "reading"):
     """Splits like general_points(), but of the hands in a local .jsonl/.json file."""
     import datasets  # imported here: only this loader needs it
     check_json_file(path)

@@ -13,8 +13,8 @@ read from tensors (a loss for the log, a gradient norm) read as 0.
 What it does not see: the CUDA context (about 0.5 GiB outside PyTorch), the caching allocator's
 rounding and fragmentation (reserved minus allocated), cuBLAS workspaces, the memory pool of the
 compiled sampler's CUDA graphs, NCCL buffers under torchrun, and memory an operation allocates
-and frees inside itself (logsumexp's buffer the size of its input: one chunk of logits here). It runs CPU kernels' shapes:
-attention is the flash kernel's (no T x T matrix), as on a GPU.
+and frees inside itself (logsumexp's buffer the size of its input: one chunk of logits here). It
+runs CPU kernels' shapes: attention is the flash kernel's (no T x T matrix), as on a GPU.
 
     python bench.py --memory     # the table at the pretrained recipe's sizes, 0.5B to 7B
 """
@@ -31,18 +31,23 @@ import amft
 import model as policy
 import train
 
-KINDS = ("weights", "AdamW", "g_RL", "g_SFT", "grad U", "bf16 copy", "KL reference", "KV cache", "logits", "activations")
+KINDS = ("weights", "AdamW", "g_RL", "g_SFT", "grad U", "bf16 copy", "KL reference", "KV cache",
+         "logits", "activations")
 
 # Qwen2.5's shapes (config.json of each hub model), for models built without weights
 QWEN = {
-    "0.5B": dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-    "1.5B": dict(num_hidden_layers=28, hidden_size=1536, num_attention_heads=12, num_key_value_heads=2,
-                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
-    "3B": dict(num_hidden_layers=36, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2,
-               intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True),
-    "7B": dict(num_hidden_layers=28, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
-               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+    "0.5B": dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14,
+                 num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                 tie_word_embeddings=True),
+    "1.5B": dict(num_hidden_layers=28, hidden_size=1536, num_attention_heads=12,
+                 num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                 tie_word_embeddings=True),
+    "3B": dict(num_hidden_layers=36, hidden_size=2048, num_attention_heads=16,
+               num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
+               tie_word_embeddings=True),
+    "7B": dict(num_hidden_layers=28, hidden_size=3584, num_attention_heads=28,
+               num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+               tie_word_embeddings=False),
 }
 
 
@@ -58,21 +63,26 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self, vocab: int = 0, placeholders: bool = False):
         super().__init__()
         self.vocab, self.placeholders, self.answer = vocab, placeholders, 0
-        self.live = {}              # id(storage) -> [bytes, kind, serial number of its creation, weakref]
+        self.live = {}              # id(storage) -> [bytes, kind,
+                                    #   serial number of its creation, weakref]
         self.by_kind = Counter()    # live bytes of each kind
         self.total = self.serial = 0
         self.phase, self.grad_kind = "setup", "activations"
-        self.peaks = {}             # phase -> [peak bytes, {kind: bytes at that peak}, serial at that peak]
+        self.peaks = {}             # phase -> [peak bytes, {kind: bytes at that peak},
+                                    #   serial at that peak]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.prim.device.default:  # asked for every gradient by autograd: the common case, first
+        # asked for every gradient by autograd: the common case, first
+        if func is torch.ops.prim.device.default:
             return func(*args)
-        if self.placeholders and func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+        if self.placeholders and func in (torch.ops.aten._local_scalar_dense.default,
+                                          torch.ops.aten.is_nonzero.default):
             return bool(self.answer) if args[0].dtype == torch.bool else self.answer
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self._count(t, "logits" if self.vocab and t.dim() and t.shape[-1] == self.vocab else "activations")
+                self._count(t, "logits" if self.vocab and t.dim() and t.shape[-1] == self.vocab
+                            else "activations")
         return out
 
     def _count(self, t, kind):
@@ -81,14 +91,16 @@ class LiveBytes(TorchDispatchMode):
         if key in self.live:
             return
         n, self.serial = storage.nbytes(), self.serial + 1
-        self.live[key] = [n, kind, self.serial, weakref.ref(storage, lambda _, key=key: self._free(key))]
+        self.live[key] = [n, kind, self.serial,
+                          weakref.ref(storage, lambda _, key=key: self._free(key))]
         self.by_kind[kind] += n
         self.total += n
         if self.total > self.peaks.get(self.phase, (-1,))[0]:
             self._snapshot()
 
     def _snapshot(self):
-        self.peaks[self.phase] = [self.total, {k: v for k, v in self.by_kind.items() if v}, self.serial]
+        self.peaks[self.phase] = [self.total, {k: v for k, v in self.by_kind.items() if v},
+                                  self.serial]
 
     def _free(self, key):
         n, kind, _, _ = self.live.pop(key)
@@ -103,7 +115,8 @@ class LiveBytes(TorchDispatchMode):
             if entry is None or entry[1] == kind:
                 continue
             n, old, born, _ = entry
-            for parts in [self.by_kind] + [parts for _, parts, at in self.peaks.values() if at >= born]:
+            for parts in [self.by_kind] + [parts for _, parts, at in self.peaks.values()
+                                           if at >= born]:
                 parts[old] -= n
                 parts[kind] = parts.get(kind, 0) + n
             entry[1] = kind
@@ -113,7 +126,8 @@ class LiveBytes(TorchDispatchMode):
         """Count the peak of `phase` (from the bytes live as it starts; the highest of all its
         occurrences); gradients accumulated in it are of kind `grads`."""
         self.phase, self.grad_kind = phase, grads
-        if self.total > self.peaks.get(phase, (-1,))[0]:  # a phase seen again keeps its highest peak
+        # a phase seen again keeps its highest peak
+        if self.total > self.peaks.get(phase, (-1,))[0]:
             self._snapshot()
         try:
             yield self
@@ -122,7 +136,8 @@ class LiveBytes(TorchDispatchMode):
 
     def watch_grads(self, params):
         """Tag each gradient as it is accumulated into p.grad (hooks, to remove when done)."""
-        return [p.register_post_accumulate_grad_hook(lambda p: self.tag([p.grad], self.grad_kind)) for p in params]
+        return [p.register_post_accumulate_grad_hook(lambda p: self.tag([p.grad], self.grad_kind))
+                for p in params]
 
 
 def recipe_config(**overrides) -> train.Config:
@@ -148,7 +163,8 @@ def _rollout(model, rows, P, C, cfg, tracker):
     tracker.tag(decoder.parameters() if decoder is not model else [], "bf16 copy")
     tracker.answer = compiled  # "has every row ended?" yes, at the first time of asking
     with mock.patch.object(policy, "compiled_forward", lambda: policy._forward), torch.no_grad():
-        policy.decode_loop(decoder, ids, attn, C, cfg.temperature, eos=[0], pad=0, compiled=compiled)
+        policy.decode_loop(decoder, ids, attn, C, cfg.temperature, eos=[0], pad=0,
+                           compiled=compiled)
     tracker.answer = 0
     if compiled:
         cache = policy._static_caches[decoder][1]
@@ -157,7 +173,8 @@ def _rollout(model, rows, P, C, cfg, tracker):
     return policy.Rollout(ids, attn, completions, torch.ones(rows, C), [""] * rows)
 
 
-def step_memory(shape: dict, cfg: train.Config, prompt_tokens: int = 160, demo_tokens: int = 64) -> LiveBytes:
+def step_memory(shape: dict, cfg: train.Config, prompt_tokens: int = 160,
+                demo_tokens: int = 64) -> LiveBytes:
     """Replay one step of cfg.method after warm-up on a Qwen2 of `shape` (config kwargs) under
     FakeTensorMode: B x G rollouts of prompt_tokens + cfg.max_new_tokens, the RL and SFT
     backwards, the meta-gradient on val_prompts x G fresh rollouts, and the optimizer step,
@@ -170,27 +187,35 @@ def step_memory(shape: dict, cfg: train.Config, prompt_tokens: int = 160, demo_t
     with FakeTensorMode(allow_non_fake_inputs=True), tracker:
         with tracker.during("weights and AdamW"):
             model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=32768))
-            with mock.patch.object(torch.nn.Module, "to", lambda module, *_, **__: module):  # all on the CPU in float32 already;
-                model = policy.prepare(model, lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, amp=cfg.amp)  # (.to fails on fakes)
+            # all on the CPU in float32 already; (.to fails on fakes)
+            with mock.patch.object(torch.nn.Module, "to", lambda module, *_, **__: module):
+                model = policy.prepare(model, lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt,
+                                       amp=cfg.amp)
             tracker.tag(model.parameters(), "weights")
             params = {n: p for n, p in model.named_parameters() if p.requires_grad}
             opt = torch.optim.AdamW(params.values(), lr=cfg.lr, fused=True)
             for p in params.values():  # AdamW's state as its first step leaves it
-                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                "exp_avg_sq": torch.zeros_like(p)}
             tracker.tag([t for s in opt.state.values() for t in s.values()], "AdamW")
         hooks = tracker.watch_grads(params.values())
-        now = amft.phase(method, cfg.warmup, cfg.warmup)  # the first step after warm-up: every part runs
-        demos = policy.DemoBatch(torch.randint(0, 9, (B, P + demo_tokens)), torch.ones(B, P + demo_tokens, dtype=torch.long),
+        # the first step after warm-up: every part runs
+        now = amft.phase(method, cfg.warmup, cfg.warmup)
+        demos = policy.DemoBatch(torch.randint(0, 9, (B, P + demo_tokens)),
+                                 torch.ones(B, P + demo_tokens, dtype=torch.long),
                                  torch.ones(B, demo_tokens)) if now.demos else None
         g_rl, g_sft = {}, {}
         if now.rl:
             with tracker.during("rollouts"):
                 roll = _rollout(model, B * G, P, cfg.max_new_tokens, cfg, tracker)
-                A, A_demo, _ = amft.advantages(torch.rand(B, G).round(), torch.ones(B) if method.demo_in_group else None)
+                A, A_demo, _ = amft.advantages(torch.rand(B, G).round(),
+                                               torch.ones(B) if method.demo_in_group else None)
             with tracker.during("RL backward", grads="g_RL"):
-                ref_model = train.reference(model, None, cfg.beta)  # (--beta > 0: the frozen copy of the KL term)
+                # (--beta > 0: the frozen copy of the KL term)
+                ref_model = train.reference(model, None, cfg.beta)
                 tracker.tag(ref_model.parameters() if ref_model is not None else [], "KL reference")
-                train.rl_backward(model, ref_model, roll, A, cfg, shaped=method.shaped, demos=demos, A_demo=A_demo)
+                train.rl_backward(model, ref_model, roll, A, cfg, shaped=method.shaped, demos=demos,
+                                  A_demo=A_demo)
                 g_rl = train.take_grads(params)
         if now.sft:
             with tracker.during("SFT backward", grads="g_SFT"):
@@ -200,8 +225,8 @@ def step_memory(shape: dict, cfg: train.Config, prompt_tokens: int = 160, demo_t
             with tracker.during("meta-gradient", grads="grad U"):
                 val = _rollout(model, cfg.val_prompts * G, P, cfg.max_new_tokens, cfg, tracker)
                 A_val = amft.group_advantages(torch.rand(cfg.val_prompts, G).round())[0].flatten()
-                train.dU_dmu(model, val, A_val, len(A_val), params=params, g_rl=g_rl, g_sft=g_sft, mu=0.5,
-                             alpha=cfg.lr, cfg=cfg)
+                train.dU_dmu(model, val, A_val, len(A_val), params=params, g_rl=g_rl, g_sft=g_sft,
+                             mu=0.5, alpha=cfg.lr, cfg=cfg)
                 del val
         with tracker.during("optimizer step"):
             w_rl, w_sft = amft.loss_weights(method, 0.5, 1.0)
@@ -221,10 +246,12 @@ def gib(n: int) -> str:
 def table(tracker: LiveBytes) -> str:
     """Each phase's peak and its make-up by kind, in GiB (a markdown table)."""
     kinds = [k for k in KINDS if any(parts.get(k) for _, parts, _ in tracker.peaks.values())]
-    lines = ["| phase | peak GiB | " + " | ".join(kinds) + " |", "|---|---:|" + "---:|" * len(kinds)]
+    lines = ["| phase | peak GiB | " + " | ".join(kinds) + " |",
+             "|---|---:|" + "---:|" * len(kinds)]
     for phase, (peak, parts, _) in tracker.peaks.items():
         if phase != "between phases":
-            lines.append(f"| {phase} | **{gib(peak)}** | " + " | ".join(gib(parts.get(k, 0)) for k in kinds) + " |")
+            lines.append(f"| {phase} | **{gib(peak)}** | "
+                         + " | ".join(gib(parts.get(k, 0)) for k in kinds) + " |")
     return "\n".join(lines)
 
 
@@ -232,10 +259,12 @@ def peak(tracker: LiveBytes) -> int:
     return max(p[0] for p in tracker.peaks.values())
 
 
-def report(sizes=tuple(QWEN), lora_r: int = 16, prompt_tokens: int = 128, demo_tokens: int = 64) -> dict:
+def report(sizes=tuple(QWEN), lora_r: int = 16, prompt_tokens: int = 128,
+           demo_tokens: int = 64) -> dict:
     """amft's step at the pretrained recipe's sizes (memory-hungriest: the meta-gradient every
     step, autograd), replayed for each Qwen2.5 size with full fine-tuning and with LoRA. Returns
-    {"tables": markdown, "peaks": {(size, lora_r): bytes}}; the first size's per-phase table leads."""
+    {"tables": markdown, "peaks": {(size, lora_r): bytes}}; the first size's per-phase table
+    leads."""
     from tqdm import tqdm
     peaks, first = {}, None
     runs = [(size, r) for size in sizes for r in (0, lora_r)]
@@ -245,10 +274,13 @@ def report(sizes=tuple(QWEN), lora_r: int = 16, prompt_tokens: int = 128, demo_t
         peaks[size, r] = peak(tracker)
         first = first or (size, cfg, table(tracker))
     size, cfg, phases = first
-    sizes_line = (f"B={cfg.batch_size} x G={cfg.group_size}, prompts of {prompt_tokens} tokens + {cfg.max_new_tokens} new, "
-                  f"demonstrations of {demo_tokens}, micro-batch {cfg.micro_batch}, amp, gradient checkpointing, "
+    sizes_line = (f"B={cfg.batch_size} x G={cfg.group_size}, prompts of {prompt_tokens} tokens + "
+                  f"{cfg.max_new_tokens} new, demonstrations of {demo_tokens}, "
+                  f"micro-batch {cfg.micro_batch}, amp, gradient checkpointing, "
                   f"sampler {cfg.sampler}, {cfg.val_prompts} x G validation rollouts")
-    lines = [f"amft, meta-gradient (autograd) every step, Qwen2.5-{size} shape, full fine-tuning; {sizes_line}.", "",
+    lines = [(f"amft, meta-gradient (autograd) every step, Qwen2.5-{size} shape, full fine-tuning; "
+              f"{sizes_line}."), "",
              phases, "", f"| model | full fine-tuning | LoRA r={lora_r} |", "|---|---:|---:|"]
-    lines += [f"| Qwen2.5-{s} | {gib(peaks[s, 0])} GiB | {gib(peaks[s, lora_r])} GiB |" for s in sizes]
+    lines += [f"| Qwen2.5-{s} | {gib(peaks[s, 0])} GiB | {gib(peaks[s, lora_r])} GiB |"
+              for s in sizes]
     return {"tables": "\n".join(lines), "peaks": peaks}

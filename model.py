@@ -34,7 +34,8 @@ TINY_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # printable ASCII and ne
 
 
 # Qwen2.5-0.5B's shape, for benchmarks without the hub: random weights, our char tokenizer
-QWEN_0_5B = dict(n_layer=24, n_embd=896, n_head=14, n_kv_head=2, n_inner=4864, vocab_size=151936, max_len=32768)
+QWEN_0_5B = dict(n_layer=24, n_embd=896, n_head=14, n_kv_head=2, n_inner=4864, vocab_size=151936,
+                 max_len=32768)
 
 
 def make_tiny_model(path: str, n_layer=4, n_embd=128, n_head=4, max_len=128, seed=0, n_kv_head=None,
@@ -47,11 +48,14 @@ def make_tiny_model(path: str, n_layer=4, n_embd=128, n_head=4, max_len=128, see
     byte_level = {" ": "\u0120", "\n": "\u010a"}  # how byte-level BPE spells space and newline
     specials = ["<pad>", "<eos>", "<unk>"]
     vocab = {t: i for i, t in enumerate(specials + [byte_level.get(c, c) for c in TINY_CHARS])}
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
-    config = Qwen2Config(vocab_size=vocab_size or len(vocab), hidden_size=n_embd, intermediate_size=n_inner or 4 * n_embd,
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<unk>", eos_token="<eos>",
+                         pad_token="<pad>")
+    config = Qwen2Config(vocab_size=vocab_size or len(vocab), hidden_size=n_embd,
+                         intermediate_size=n_inner or 4 * n_embd,
                          num_hidden_layers=n_layer, num_attention_heads=n_head,
                          num_key_value_heads=n_kv_head or n_head, max_position_embeddings=max_len,
-                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.eos_token_id)
     # no pad_token_id in the model's config: it would make <pad> the embedding's padding_idx, whose
     # row gets no gradient from the input side, yet the policy can sample <pad> like any token
     torch.manual_seed(seed)
@@ -97,12 +101,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-OFFLINE_HINT = "the hub is unreachable (set HF_HUB_OFFLINE=1 to use the local cache without trying it)"
+OFFLINE_HINT = ("the hub is unreachable (set HF_HUB_OFFLINE=1 to use the local cache without "
+                "trying it)")
 
-BUILT_IN = {"tiny": {}, "random-0.5b": QWEN_0_5B}  # built from a config with random weights (seeded)
+# built from a config with random weights (seeded)
+BUILT_IN = {"tiny": {}, "random-0.5b": QWEN_0_5B}
 
 
-def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, grad_ckpt=False, seed=0, amp=False):
+def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, grad_ckpt=False,
+                seed=0, amp=False):
     """(model, tokenizer) from a hub id, an alias, a local folder, or a built-in name ('tiny',
     'random-0.5b': written by make_tiny_model to a temporary folder, loaded from it the same way,
     and the folder removed), optionally wrapped in LoRA adapters (peft) and with gradient
@@ -117,15 +124,16 @@ def load_policy(name_or_path: str, dtype=torch.float32, device="cpu", lora_r=0, 
             return load_policy(tmp, dtype, device, lora_r, grad_ckpt, amp=amp)
     name = ALIASES.get(name_or_path, name_or_path)
     if lora_r and os.path.isfile(os.path.join(name, "adapter_config.json")):
-        raise ValueError("resuming a LoRA run is not supported yet; start again from its merged model/ folder")
+        raise ValueError("resuming a LoRA run is not supported yet; start again from its merged "
+                         "model/ folder")
     cache_only = not os.path.isdir(name) and not hub_reachable()  # offline: the cache, at once
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=cache_only)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=cache_only)
     except (OSError, ValueError, KeyError) as e:
         if cache_only:
-            raise ValueError(f"cannot load model {name_or_path!r}: it is not in the local cache and {OFFLINE_HINT}; "
-                             "or pass a local folder") from None
+            raise ValueError(f"cannot load model {name_or_path!r}: it is not in the local cache "
+                             f"and {OFFLINE_HINT}; or pass a local folder") from None
         where = "local folder" if os.path.isdir(name) else "hub id"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load model {name_or_path!r} as a {where}: {first}") from None
@@ -149,12 +157,15 @@ def prepare(model, device="cpu", lora_r=0, grad_ckpt=False, amp=False):
             import peft
         except ImportError:
             raise ValueError("--lora-r needs peft: pip install peft") from None
-        model = peft.get_peft_model(model, peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear",
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r,
+                                                           target_modules="all-linear",
                                                            task_type="CAUSAL_LM"))
     if grad_ckpt:
         set_checkpointing(model, True)
     if amp:  # bound to the model, so a deepcopy (the KL reference) rebinds it to the copy
-        model.forward = types.MethodType(torch.autocast(torch.device(device).type, dtype=torch.bfloat16)(type(model).forward), model)
+        model.forward = types.MethodType(
+            torch.autocast(torch.device(device).type, dtype=torch.bfloat16)(type(model).forward),
+            model)
         model.amp = True
     return model.to(device)
 
@@ -163,10 +174,12 @@ def set_checkpointing(model, on: bool):
     """Gradient (activation) checkpointing on or off, under the name this transformers has
     (`gradient_checkpointing_*` is deprecated from 5.x on)."""
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}) if on \
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}) if on \
             else model.activation_checkpointing_disable()
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}) if on \
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}) if on \
             else model.gradient_checkpointing_disable()
 
 
@@ -174,7 +187,8 @@ def copy_with_weights(model, weight):
     """A deepcopy of the model whose parameters are weight(p), frozen, and whose buffers are
     clones: each tensor of the copy is made once, by `weight`, and no tensor is deepcopied (a
     deepcopy of a float32 model before a cast to bfloat16 would hold a float32 copy first)."""
-    memo = {id(p): torch.nn.Parameter(weight(p.detach()), requires_grad=False) for p in model.parameters()}
+    memo = {id(p): torch.nn.Parameter(weight(p.detach()), requires_grad=False)
+            for p in model.parameters()}
     memo.update({id(b): b.clone() for b in model.buffers()})
     return copy.deepcopy(model, memo)
 
@@ -189,7 +203,8 @@ def _norms_in_float64(model):
     activation to float32. --dtype float64 exists for exact numerical checks (the meta-gradient
     tests), so there the norms keep float64: same formula, no cast."""
     def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
+                                              + self.variance_epsilon))
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             module.forward = forward.__get__(module)
@@ -202,14 +217,16 @@ def use_chat(tok, name: str, mode: str) -> bool:
     """Instruction models get their chat template; base models a plain prompt. 'auto' decides
     by the name (Qwen2.5 *base* tokenizers also ship a chat template)."""
     if mode == "auto":
-        return bool(tok.chat_template) and any(w in name.lower() for w in ("instruct", "chat", "-it"))
+        return bool(tok.chat_template) and any(w in name.lower()
+                                               for w in ("instruct", "chat", "-it"))
     return mode == "on"
 
 
 def format_prompt(tok, text: str, chat: bool) -> str:
     if not chat:
         return text
-    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                   add_generation_prompt=True)
 
 
 def end_id(tok, chat: bool) -> int:
@@ -234,7 +251,8 @@ def completion_mask(completions: torch.Tensor, eos: list) -> torch.Tensor:
     Built from positions, never from pad values (pad may equal EOS)."""
     is_eos = torch.isin(completions, torch.tensor(eos, device=completions.device))
     T = completions.shape[1]
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1),
+                        torch.full_like(is_eos[:, 0], T, dtype=torch.long))
     return (torch.arange(T, device=completions.device)[None, :] <= first[:, None]).float()
 
 
@@ -270,12 +288,15 @@ def sample(model, tok, prompts: list, G: int, temperature: float = 1.0, max_new_
     attn = enc.attention_mask.repeat_interleave(G, 0).to(device)     # (B*G, P)
     eos = eos or eos_ids(tok, model)
     if sampler == "generate":
-        completions = _generate(model, ids, attn, max_new_tokens, temperature, eos, tok.pad_token_id, greedy)
+        completions = _generate(model, ids, attn, max_new_tokens, temperature, eos,
+                                tok.pad_token_id, greedy)
     else:
-        decoder = bf16_copy(model) if sampler == "compiled" and getattr(model, "amp", False) else model
-        completions = decode_loop(decoder, ids, attn, max_new_tokens, temperature, eos, tok.pad_token_id,
-                                  greedy, compiled=sampler == "compiled")
-    if sampler == "compiled":  # the bucket's extra columns go again: the log-probs need only the prompts' own padding
+        decoder = (bf16_copy(model) if sampler == "compiled" and getattr(model, "amp", False)
+                   else model)
+        completions = decode_loop(decoder, ids, attn, max_new_tokens, temperature, eos,
+                                  tok.pad_token_id, greedy, compiled=sampler == "compiled")
+    # the bucket's extra columns go again: the log-probs need only the prompts' own padding
+    if sampler == "compiled":
         first = int(attn.any(0).long().argmax())
         ids, attn = ids[:, first:], attn[:, first:]
     mask = completion_mask(completions, eos)
@@ -293,10 +314,13 @@ def _generate(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy):
     U's surrogate would then score samples from another distribution. So for the call the
     model's generation config is a blank one, and ours sets temperature only."""
     from transformers import GenerationConfig
-    plain = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, do_sample=not greedy,
-                             **({} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}))
+    plain = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                             do_sample=not greedy,
+                             **({} if greedy else
+                                {"temperature": temperature, "top_k": 0, "top_p": 1.0}))
     saved, model.generation_config = model.generation_config, GenerationConfig()
-    try:  # synced_gpus under FSDP (parallel.shard): every forward is a collective, so no rank stops early
+    # synced_gpus under FSDP (parallel.shard): every forward is a collective, so no rank stops early
+    try:
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=plain,
                              synced_gpus=getattr(model, "synced_generation", False))
     finally:
@@ -308,8 +332,10 @@ def _forward(model, **inputs):
     return model(**inputs)
 
 
-_static_caches = weakref.WeakKeyDictionary()  # model -> ((batch, length), StaticCache): freed with the model
-_bf16_copies = weakref.WeakKeyDictionary()    # model -> its bfloat16 decoding copy (--amp, compiled sampler)
+# model -> ((batch, length), StaticCache): freed with the model
+_static_caches = weakref.WeakKeyDictionary()
+# model -> its bfloat16 decoding copy (--amp, compiled sampler)
+_bf16_copies = weakref.WeakKeyDictionary()
 
 
 @functools.cache
@@ -346,7 +372,8 @@ def bf16_copy(model):
     twin = _bf16_copies.get(model)
     if twin is None:
         twin = copy_with_weights(model, lambda p: p.to(torch.bfloat16))
-        twin.__dict__.pop("forward", None)  # no autocast wrapper: it computes in bfloat16 throughout
+        # no autocast wrapper: it computes in bfloat16 throughout
+        twin.__dict__.pop("forward", None)
         twin.amp = False
         twin.eval()
         _bf16_copies[model] = twin
@@ -355,7 +382,8 @@ def bf16_copy(model):
     return twin
 
 
-def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=False, compiled=False):
+def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=False,
+                compiled=False):
     """The decode loop of generate(), written out: prefill the prompts into a KV cache, then
     one token per forward. Sampling is generate()'s, op for op (float32 logits / temperature,
     softmax, one torch.multinomial per step; finished rows get pad), so with the same seed it
@@ -364,17 +392,21 @@ def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=
     torch.compile(mode="reduce-overhead"), which captures it as a CUDA graph on a GPU."""
     from transformers import DynamicCache
     B, P = ids.shape
-    cache = static_cache(model, B, P + max_new_tokens) if compiled else DynamicCache(config=model.config)
+    cache = (static_cache(model, B, P + max_new_tokens) if compiled
+             else DynamicCache(config=model.config))
     mask = torch.cat([attn, attn.new_ones(B, max_new_tokens)], 1)             # (B, P+C)
     position = (attn.cumsum(-1) - 1).clamp(min=0)                             # (B, P)
-    kv = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in transformers 5.x
+    # renamed in transformers 5.x
+    kv = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     forward = compiled_forward() if compiled else _forward
-    logits = model(input_ids=ids, attention_mask=mask[:, :P] if not compiled else mask, position_ids=position,
-                   cache_position=torch.arange(P, device=ids.device), logits_to_keep=1, **{kv: cache}).logits
+    logits = model(input_ids=ids, attention_mask=mask[:, :P] if not compiled else mask,
+                   position_ids=position, cache_position=torch.arange(P, device=ids.device),
+                   logits_to_keep=1, **{kv: cache}).logits
     out = ids.new_full((B, max_new_tokens), pad)                               # (B, C)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     eos_t = torch.tensor(eos, device=ids.device)
-    last = torch.tensor(max_new_tokens - 1, device=ids.device)                 # the step at which every row had ended
+    # the step at which every row had ended
+    last = torch.tensor(max_new_tokens - 1, device=ids.device)
     for t in range(max_new_tokens):
         scores = logits[:, -1].float()                                         # (B, V)
         if greedy:
@@ -384,7 +416,8 @@ def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=
         token = torch.where(done, torch.full_like(token, pad), token)
         out[:, t] = token
         done |= torch.isin(token, eos_t)
-        if compiled:  # ask the GPU whether all rows are done only every 8 steps: each question is a sync
+        # ask the GPU whether all rows are done only every 8 steps: each question is a sync
+        if compiled:
             last = torch.minimum(last, torch.where(done.all(), t, max_new_tokens - 1))
             if t + 1 == max_new_tokens or (t % 8 == 7 and bool(done.all())):
                 return out[:, :int(last) + 1]  # the steps after the last row ended hold only pad
@@ -393,13 +426,16 @@ def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=
         step_mask = mask if compiled else mask[:, :P + t + 1]
         if compiled:  # this step's logits were read: the graph may overwrite its output buffers
             torch.compiler.cudagraph_mark_step_begin()
-        logits = forward(model, input_ids=token[:, None], attention_mask=step_mask, position_ids=position[:, -1:] + t + 1,
-                         cache_position=torch.full((1,), P + t, device=ids.device), **{kv: cache}).logits
+        logits = forward(model, input_ids=token[:, None], attention_mask=step_mask,
+                         position_ids=position[:, -1:] + t + 1,
+                         cache_position=torch.full((1,), P + t, device=ids.device),
+                         **{kv: cache}).logits
     return out
 
 
 # ---------------------------------------------------------------------------- log-probs
-CHUNK_VALUES = 2**25  # vocabulary-sized values (logits) token_logprobs holds at once: 128 MiB in float32
+# vocabulary-sized values (logits) token_logprobs holds at once: 128 MiB in float32
+CHUNK_VALUES = 2**25
 
 
 @contextlib.contextmanager
@@ -446,19 +482,25 @@ def token_logprobs(model, ids, attn, temperature: float = 1.0, n_last=None, with
     n = ids.shape[1] - 1 if n_last is None else n_last
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions as generate()
     with hidden_states_out(model) as head:
-        hidden = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=n + 1,
-                       use_cache=False).logits                          # (N, n+1, H); scoring needs no KV cache
+        # (N, n+1, H); scoring needs no KV cache
+        hidden = model(input_ids=ids, attention_mask=attn, position_ids=position_ids,
+                       logits_to_keep=n + 1, use_cache=False).logits
     # each row's last position predicts a token past the sequence (target 0, dropped below): it is
     # computed anyway so that the products have the shapes they have inside the model's forward
     h = hidden.reshape(-1, hidden.shape[-1])                             # (N*(n+1), H)
     targets = torch.nn.functional.pad(ids[:, -n:], (0, 1)).reshape(-1)   # (N*(n+1),)
     rows = max(1, CHUNK_VALUES // model.config.vocab_size)
-    amp = getattr(model, "amp", False)  # the output layer computes as it would inside the model's forward, but
-    pieces = []  # each chunk casts the weight itself (no cache), so the chunks' gradients of it add up in float32
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, cache_enabled=False) if amp else contextlib.nullcontext():
+    # the output layer computes as it would inside the model's forward, but each chunk casts the
+    # weight itself (no cache), so the chunks' gradients of it add up in float32
+    amp = getattr(model, "amp", False)
+    pieces = []
+    with (torch.autocast(ids.device.type, dtype=torch.bfloat16, cache_enabled=False) if amp
+          else contextlib.nullcontext()):
         for i in range(0, len(h), rows):
-            args = (h[i:i + rows], head.weight, head.bias, targets[i:i + rows], temperature, with_entropy)
-            pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+            args = (h[i:i + rows], head.weight, head.bias, targets[i:i + rows], temperature,
+                    with_entropy)
+            pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args,
+                                                            use_reentrant=False)
                           if torch.is_grad_enabled() else _chunk_logprobs(*args))
     logp = torch.cat([p[0] for p in pieces]).view(len(ids), n + 1)[:, :-1]
     if not with_entropy:
@@ -469,7 +511,8 @@ def token_logprobs(model, ids, attn, temperature: float = 1.0, n_last=None, with
 class DemoBatch(NamedTuple):
     ids: torch.Tensor    # (B, T) prompt + demonstration + end token, left-padded
     attn: torch.Tensor   # (B, T)
-    mask: torch.Tensor   # (B, D) 1 on demonstration tokens and the end token, over the last D positions
+    mask: torch.Tensor   # (B, D) 1 on demonstration tokens and the end token, over the last D
+                         # positions
 
 
 def sft_batch(tok, prompts: list, demos: list, end: int, device) -> DemoBatch:

@@ -65,7 +65,8 @@ def join(device: str):
     than 0 once a group exists, which would leave a built-in model's folder empty."""
     if launched() and not dist.is_initialized():
         cuda = device.startswith("cuda")
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                device_id=torch.device(device) if cuda else None)
 
 
 def close():
@@ -173,9 +174,9 @@ def shard(model):
     """FSDP through PyTorch's fully_shard: each decoder layer, and the rest of the model, keeps
     1/N of its weights, gradients and AdamW state on each rank; a layer's weights are gathered
     for its forward and backward and freed after. Its backward averages the gradients over ranks;
-    sum_grads_ and reduced_by_fsdp turn the average into the sum our loss shares need. Generation runs with synced_gpus, so a rank
-    whose rows have all ended keeps stepping while another's have not (every forward is a
-    collective)."""
+    sum_grads_ and reduced_by_fsdp turn the average into the sum our loss shares need. Generation
+    runs with synced_gpus, so a rank whose rows have all ended keeps stepping while another's have
+    not (every forward is a collective)."""
     from torch.distributed.fsdp import fully_shard
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     for layer in layers:
@@ -196,12 +197,14 @@ def full_state(model, opt=None):
     gathered to the CPU; every rank must call it. Otherwise (None, None): they save themselves."""
     if not sharded():
         return None, None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
     tied = getattr(model, "_tied_weights_keys", None) or {}
     if getattr(model.config, "tie_word_embeddings", False) and isinstance(tied, dict):
-        for name in tied:  # a tied copy (lm_head = the embedding) is not written, as save_pretrained does
+        # a tied copy (lm_head = the embedding) is not written, as save_pretrained does
+        for name in tied:
             weights.pop(name, None)
     return weights, (get_optimizer_state_dict(model, opt, options=options) if opt else None)
 
@@ -210,7 +213,8 @@ def load_full_optimizer_state(model, opt, state: dict):
     """The inverse for the optimizer: a state keyed by parameter name, into this model's
     optimizer, sharded or not (so a run saved by N processes resumes in any number)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, opt, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def by_name(state: dict, names: list) -> dict:
@@ -234,7 +238,8 @@ def in_sync(values: list) -> bool:
     if world() == 1:
         return True
     mine = torch.tensor(values, dtype=torch.float64)
-    return all(torch.equal(mine, torch.tensor(v, dtype=torch.float64)) for v in gather_objects(values))
+    return all(torch.equal(mine, torch.tensor(v, dtype=torch.float64))
+               for v in gather_objects(values))
 
 
 def fingerprint(params) -> float:

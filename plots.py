@@ -33,7 +33,8 @@ def plot_run(run_dir):
         return None
     m = load_metrics(run_dir)
     steps = [x["step"] for x in m]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)  # one step axis (warm-up steps have no entropy)
+    # one step axis (warm-up steps have no entropy)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)
     axes[0].plot(steps, [x["w_sft"] for x in m], label="w_SFT (weight on imitation)")
     if any(x["mu"] is not None for x in m):
         axes[0].plot(steps, [x["mu"] for x in m], "--", label="mu")
@@ -68,31 +69,41 @@ def plot_comparison(results, path):
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    method = {row: amft.METHODS[row.partition("@")[0]] for row in results}  # a row: 'amft' or 'amft@H_target=0.2'
+    # a row: 'amft' or 'amft@H_target=0.2'
+    method = {row: amft.METHODS[row.partition("@")[0]] for row in results}
     controlled = [row for row in results if method[row].entropy_term or method[row].meta_term]
     for color, row in enumerate(controlled):
         runs = [r["metrics"] for r in results[row]]
         n = min(len(m) for m in runs)
         steps = [x["step"] for x in runs[0][:n]]
         mean = lambda key, k: statistics.mean(m[k][key] for m in runs)
-        mixed = [k for k in range(n) if all(m[k]["mu"] is not None and m[k]["entropy"] is not None for m in runs)]  # not warm-up
+        mixed = [k for k in range(n)  # not warm-up
+                 if all(m[k]["mu"] is not None and m[k]["entropy"] is not None for m in runs)]
         mus = [[m[k]["mu"] for m in runs] for k in mixed]
-        axes[0].plot([steps[k] for k in mixed], [statistics.mean(v) for v in mus], color=f"C{color}", label=row)
-        axes[0].fill_between([steps[k] for k in mixed], [min(v) for v in mus], [max(v) for v in mus], color=f"C{color}", alpha=0.15)
-        axes[1].plot([steps[k] for k in mixed], [mean("entropy", k) for k in mixed], color=f"C{color}", label=f"{row} H_t")
+        axes[0].plot([steps[k] for k in mixed], [statistics.mean(v) for v in mus],
+                     color=f"C{color}", label=row)
+        axes[0].fill_between([steps[k] for k in mixed], [min(v) for v in mus],
+                             [max(v) for v in mus], color=f"C{color}", alpha=0.15)
+        axes[1].plot([steps[k] for k in mixed], [mean("entropy", k) for k in mixed],
+                     color=f"C{color}", label=f"{row} H_t")
         if mixed and method[row].entropy_term:
-            axes[1].plot([steps[k] for k in mixed], [mean("H_target", k) for k in mixed], "--", color=f"C{color}", label=f"{row} H*")
-    axes[0].set(xlabel="step", ylabel="mu", ylim=(0, 1), title="mu (weight on SFT): mean and range over seeds")
-    axes[1].set(xlabel="step", ylabel="nats", title="rollout entropy and its target, mean over seeds")
+            axes[1].plot([steps[k] for k in mixed], [mean("H_target", k) for k in mixed], "--",
+                         color=f"C{color}", label=f"{row} H*")
+    axes[0].set(xlabel="step", ylabel="mu", ylim=(0, 1),
+                title="mu (weight on SFT): mean and range over seeds")
+    axes[1].set(xlabel="step", ylabel="nats",
+                title="rollout entropy and its target, mean over seeds")
     for j, (row, runs) in enumerate(results.items()):
-        curves = [[(x["samples_seen"], x["val_accuracy"]) for x in r["metrics"] if "val_accuracy" in x] for r in runs]
+        curves = [[(x["samples_seen"], x["val_accuracy"]) for x in r["metrics"]
+                   if "val_accuracy" in x] for r in runs]
         n = min(len(c) for c in curves)
         if n:
             xs = [curves[0][k][0] for k in range(n)]
-            axes[2].plot(xs, [statistics.mean(c[k][1] for c in curves) for k in range(n)], "o-" if j < 10 else "s--", ms=3,
-                         color=f"C{j % 10}", label=row)  # past 10 rows the colours come round again, dashed
-    axes[2].set(xlabel="training samples seen (demos + rollouts)", ylabel="greedy accuracy", xscale="log",
-                ylim=(0, 1), title="validation accuracy, mean over seeds")
+            # past 10 rows the colours come round again, dashed
+            axes[2].plot(xs, [statistics.mean(c[k][1] for c in curves) for k in range(n)],
+                         "o-" if j < 10 else "s--", ms=3, color=f"C{j % 10}", label=row)
+    axes[2].set(xlabel="training samples seen (demos + rollouts)", ylabel="greedy accuracy",
+                xscale="log", ylim=(0, 1), title="validation accuracy, mean over seeds")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

@@ -9,7 +9,8 @@ The corpus (`corpus_line`), one short line per example, drawn afresh from a seed
   parentheses and its value, written both ways ("(3+4)*2=14" and "14=(3+4)*2"); values that
   are not whole numbers are not written;
 - card reading under both face-card rules, in the compact prompt's own words: a hand and the
-  values its cards have ("2 J 5; J,Q,K=11,12,13; is 2 11 5"), and single cards ("Q; J,Q,K=10; Q is 10").
+  values its cards have ("2 J 5; J,Q,K=11,12,13; is 2 11 5"), and single cards
+  ("Q; J,Q,K=10; Q is 10").
 What it leaves out: the General Points task itself. No line holds a hand together with a
 target ("...; 24=") or a formula over a hand's cards, so no prompt of either rule and no
 demonstration of the task is in the corpus (test_tasks checks 20,000 lines against every
@@ -52,7 +53,8 @@ def formula(rng: random.Random, n: int) -> tuple:
             return a, None
         value = {"+": x + y, "-": x - y, "*": x * y, "/": x / y if y else None}[op]
         wrap = lambda s: f"({s})" if not s.isdigit() else s
-        items[i:i + 2] = [(f"{wrap(a) if op in '*/' else a}{op}{wrap(b) if op != '+' else b}", value)]
+        items[i:i + 2] = [(f"{wrap(a) if op in '*/' else a}{op}{wrap(b) if op != '+' else b}",
+                           value)]
     text, value = items[0]
     return text, (int(value) if value.denominator == 1 else None)
 
@@ -68,12 +70,14 @@ def corpus_line(rng: random.Random) -> str:
     rule = rng.choice(["id", "ood"])
     if kind < 0.85:
         cards = [rng.choice(data.RANKS) for _ in range(rng.randint(1, 5))]
-        return f"{' '.join(cards)}; {data.RULE_TEXT[rule]}; is {' '.join(str(data.card_value(c, rule)) for c in cards)}"
+        return (f"{' '.join(cards)}; {data.RULE_TEXT[rule]}; "
+                f"is {' '.join(str(data.card_value(c, rule)) for c in cards)}")
     card = rng.choice(data.RANKS)
     return f"{card}; {data.RULE_TEXT[rule]}; {card} is {data.card_value(card, rule)}"
 
 
-def pretrain(path: str, steps: int = STEPS, batch: int = BATCH, lr: float = LR, seed: int = 0) -> str:
+def pretrain(path: str, steps: int = STEPS, batch: int = BATCH, lr: float = LR,
+             seed: int = 0) -> str:
     """Build the tiny base at `path`: the tiny model (seed 0), `steps` AdamW steps of SFT on
     `batch` corpus lines each, saved with save_pretrained and a base.json that says how. The
     caller's torch random stream is left as it was, so a run that builds the base samples
@@ -94,7 +98,8 @@ def _pretrain(path, steps, batch, lr, seed):
     model.train()
     losses = []
     for _ in tqdm(range(steps), desc="building the tiny base (once)", dynamic_ncols=True):
-        demos = policy.sft_batch(tok, ["\n"] * batch, [corpus_line(rng) for _ in range(batch)], tok.eos_token_id, "cpu")  # a line after a newline
+        demos = policy.sft_batch(tok, ["\n"] * batch, [corpus_line(rng) for _ in range(batch)],
+                                 tok.eos_token_id, "cpu")  # a line after a newline
         logp = policy.token_logprobs(model, demos.ids, demos.attn, n_last=demos.mask.shape[1])
         loss = amft.sft_loss(logp, demos.mask, demos.mask.sum())
         loss.backward()
@@ -105,7 +110,8 @@ def _pretrain(path, steps, batch, lr, seed):
         model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, "base.json"), "w") as f:
-        json.dump(dict(version=VERSION, steps=steps, batch=batch, lr=lr, seed=seed, final_loss=sum(losses[-20:]) / len(losses[-20:]),
+        json.dump(dict(version=VERSION, steps=steps, batch=batch, lr=lr, seed=seed,
+                       final_loss=sum(losses[-20:]) / len(losses[-20:]),
                        seconds=round(time.time() - t0, 1)), f, indent=2)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # a half-built base is never found in the cache

@@ -42,7 +42,8 @@ _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
         ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
 
 
-_LATEX_OPS = {"\\times": "*", "\\cdot": "*", "\\div": "/", "\\left": "", "\\right": "", "×": "*", "÷": "/", "x": "*"}
+_LATEX_OPS = {"\\times": "*", "\\cdot": "*", "\\div": "/", "\\left": "", "\\right": "", "×": "*",
+              "÷": "/", "x": "*"}
 
 
 def extract_formula(completion: str) -> str:
@@ -53,7 +54,8 @@ def extract_formula(completion: str) -> str:
     box = _last_box(completion[-MAX_TEXT_CHARS:])
     if box is None:
         return ""
-    line = box if box is not False else (completion.strip().split("\n", 1)[0] if completion.strip() else "")
+    line = box if box is not False else (completion.strip().split("\n", 1)[0]
+                                         if completion.strip() else "")
     line = line.rsplit(":", 1)[-1].split("=", 1)[0]
     for latex, op in _LATEX_OPS.items():
         line = line.replace(latex, op)
@@ -79,7 +81,8 @@ def parse_formula(formula: str):
     if not formula or len(formula) > MAX_FORMULA_CHARS:
         return None
     try:
-        with warnings.catch_warnings():  # model output like "1e" draws a SyntaxWarning from the parser: not ours to print
+        # model output like "1e" draws a SyntaxWarning from the parser: not ours to print
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", SyntaxWarning)
             tree = ast.parse(formula, mode="eval")  # parse only: nothing is executed
         numbers = []
@@ -107,19 +110,26 @@ MAX_TEXT_CHARS = 10_000     # only the completion's tail is read: the final answ
 MAX_ANSWER_CHARS = 1_000    # a longer "answer" normalizes to "" and matches nothing
 MAX_BRACE_DEPTH = 50        # deeper \boxed{...} nesting is rejected, not scanned
 MAX_DIGITS = 1_000          # so Fraction arithmetic on a numeric answer stays cheap
-MATH_VERIFY_SECONDS = 0.3  # a math-verify call that takes longer scores 0 (a power tower: 9^{9^{9}})
-MAX_MATH_VERIFY_DEPTH = 5   # brace nesting handed to math-verify (a real answer needs 3 or 4; 6 took 0.6 s)
+MATH_VERIFY_SECONDS = 0.3   # a math-verify call that takes longer scores 0 (a power tower:
+                            # 9^{9^{9}})
+MAX_MATH_VERIFY_DEPTH = 5   # brace nesting handed to math-verify (a real answer needs 3 or 4;
+                            # 6 took 0.6 s)
 REL_TOL = Fraction(1, 10**6)  # only for a decimal that rounds a non-terminating fraction
 _NUMBER = re.compile(r"(-?)(\d+(?:\.\d*)?|\.\d+)(?:/(\d+(?:\.\d*)?|\.\d+))?")  # a, -a, a/b
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|textnormal|mbox)\s*\{([^{}]*)\}(?:\^\{?\d\}?)?")  # cm^2
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|textnormal|mbox)\s*\{([^{}]*)\}"
+                       r"(?:\^\{?\d\}?)?")  # cm^2
 _UNITS_AT_END = re.compile(_TEXT_CMD.pattern + r"\s*$")
-_MATH_FONT = re.compile(r"\\(?:mathrm|mathit|operatorname)\s*\{([^{}]*)\}")  # math, not text: \mathrm{e} is e
+# math, not text: \mathrm{e} is e
+_MATH_FONT = re.compile(r"\\(?:mathrm|mathit|operatorname)\s*\{([^{}]*)\}")
 # the label before '=' (or \approx): x, ans, \theta, x_1, |AB|, f(x), P(A)
-_SHORT_VAR = re.compile(r"[A-Za-z]{1,3}|\\[A-Za-z]+|[A-Za-z]_\{?\w{1,3}\}?|\|[A-Za-z]{1,3}\||[A-Za-z]\([A-Za-z0-9,]{1,5}\)")
-# words after a number that change its meaning ('5 or more', 'at least 3'): such an answer keeps them
-_QUALIFIERS = {"or", "and", "more", "less", "than", "least", "most", "fewer", "greater", "not", "only", "except",
-               "to", "between", "plus", "minus", "times", "over", "under", "about", "approximately"}
+_SHORT_VAR = re.compile(r"[A-Za-z]{1,3}|\\[A-Za-z]+|[A-Za-z]_\{?\w{1,3}\}?|\|[A-Za-z]{1,3}\|"
+                        r"|[A-Za-z]\([A-Za-z0-9,]{1,5}\)")
+# words after a number that change its meaning ('5 or more', 'at least 3'): such an answer keeps
+# them
+_QUALIFIERS = {"or", "and", "more", "less", "than", "least", "most", "fewer", "greater", "not",
+               "only", "except", "to", "between", "plus", "minus", "times", "over", "under",
+               "about", "approximately"}
 
 
 def _last_box(text: str) -> str | None | bool:
@@ -157,7 +167,8 @@ def extract_answer(completion: str) -> str | None:
         i = text.lower().rfind(marker)
         if i >= 0:
             line = text[i + len(marker):].lstrip(" \t:").split("\n", 1)[0]
-            answer = re.split(r"\.(?=\s|$)", line, maxsplit=1)[0].strip()  # up to the sentence's end
+            # up to the sentence's end
+            answer = re.split(r"\.(?=\s|$)", line, maxsplit=1)[0].strip()
             if answer:
                 return answer
     return None
@@ -168,11 +179,14 @@ def normalize_answer(s: str) -> str:
     if len(s) > MAX_ANSWER_CHARS:
         return ""
     s = s.strip().replace("\u2212", "-")                   # Unicode minus
-    s = re.sub(r"\\?[$%]|°|\\degree|\^\s*\{?\s*\\circ\s*\}?", "", s)  # no percent scaling: 50% -> 50
+    # no percent scaling: 50% -> 50
+    s = re.sub(r"\\?[$%]|°|\\degree|\^\s*\{?\s*\\circ\s*\}?", "", s)
     s = _MATH_FONT.sub(r"\1", s)                             # '\\mathrm{e}' -> 'e'
     while (m := _UNITS_AT_END.search(s)) and s[:m.start()].strip():
-        s = s[:m.start()]                                   # '5\\text{ cm}' -> '5': units end an answer
-    s = _TEXT_CMD.sub(r"\1", s)                              # elsewhere the words stay: '6 \\text{ and } 8'
+        # '5\\text{ cm}' -> '5': units end an answer
+        s = s[:m.start()]
+    # elsewhere the words stay: '6 \\text{ and } 8'
+    s = _TEXT_CMD.sub(r"\1", s)
     m = re.fullmatch(r"([-+]?[\d.,/]+)\s+([A-Za-z][A-Za-z ]*)", s.strip())
     if m and not _QUALIFIERS & set(m[2].lower().split()):  # '5 apples' -> '5'; '5 or more' is kept
         s = m[1]
@@ -194,8 +208,9 @@ def normalize_answer(s: str) -> str:
     m = re.fullmatch(r"\(([-+]?[\d./]+|[A-Za-z])\)", s)      # '(1/3)' -> '1/3', '(C)' -> 'C'
     if m:
         s = m[1]
-    if not spaced_commas and re.fullmatch(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?", s):  # thousands only in
-        s = s.replace(",", "")                              # proper groups: '1,2', '0,111', '(1,2)' stay lists
+    # thousands only in proper groups: '1,2', '0,111', '(1,2)' stay lists
+    if not spaced_commas and re.fullmatch(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?", s):
+        s = s.replace(",", "")
     m = re.fullmatch(r"(-?)(\d*)(?:\.(\d*))?", s)
     if m and (m[2] or m[3]):                                # '072.50' -> '72.5', '.5' -> '0.5'
         frac = (m[3] or "").rstrip("0")
@@ -257,7 +272,8 @@ class _OutOfTime(Exception):
     pass
 
 
-_timing = [False]  # whether a math-verify call is being timed: the timer's signal is ignored otherwise
+# whether a math-verify call is being timed: the timer's signal is ignored otherwise
+_timing = [False]
 
 
 def _out_of_time(signum, frame):
@@ -271,21 +287,26 @@ def math_verify_match(pred: str, truth: str) -> bool:
     last box: math-verify alone would search the whole text), capped in length and brace depth,
     percent signs dropped as ours drops them (math-verify alone takes 0.5 for 50%, which RL would
     exploit), and the whole call stopped after MATH_VERIFY_SECONDS by a timer of ours (its own
-    timeouts count whole seconds; off the main thread, where no timer can interrupt, they are used)."""
+    timeouts count whole seconds; off the main thread, where no timer can interrupt, they are
+    used)."""
     import math_verify
-    if any(len(s) > MAX_ANSWER_CHARS or _brace_depth(s) > MAX_MATH_VERIFY_DEPTH for s in (pred, truth)):
+    if any(len(s) > MAX_ANSWER_CHARS or _brace_depth(s) > MAX_MATH_VERIFY_DEPTH
+           for s in (pred, truth)):
         return False  # its parser slows down with nesting: 6 levels of braces took 0.6 s
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns when we time it ourselves
     timed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
     limit = None if timed else 1
     collecting = gc.isenabled()
-    gc.disable()  # a garbage collection of a large heap is not math-verify's time, and the timer must not fire inside one
+    # a garbage collection of a large heap is not math-verify's time, and the timer must not fire
+    # inside one
+    gc.disable()
     if timed:  # math-verify catches exceptions and tries again: the timer repeats until we are out
         previous = signal.signal(signal.SIGALRM, _out_of_time)
         _timing[0] = True
         signal.setitimer(signal.ITIMER_REAL, MATH_VERIFY_SECONDS, 0.02)
     try:
-        gold, ours = (math_verify.parse("\\boxed{" + re.sub(r"\\?%", "", s) + "}", parsing_timeout=limit)
+        gold, ours = (math_verify.parse("\\boxed{" + re.sub(r"\\?%", "", s) + "}",
+                                        parsing_timeout=limit)
                       for s in (truth, pred))
         return bool(gold and ours and math_verify.verify(gold, ours, timeout_seconds=limit))
     except _OutOfTime:
@@ -320,7 +341,8 @@ def resolve_verifier(name: str) -> str:
     if name not in ("builtin", "math-verify"):
         raise ValueError("--verifier must be builtin, math-verify or auto")
     if name == "math-verify" and not installed:
-        raise ValueError("--verifier math-verify needs it installed: pip install 'math-verify[antlr4_13_2]'")
+        raise ValueError("--verifier math-verify needs it installed: "
+                         "pip install 'math-verify[antlr4_13_2]'")
     return name
 
 
@@ -334,7 +356,8 @@ def math_reward(completion: str, truth: str, verifier: str = "builtin") -> float
         t = extract_answer(truth)
         match = math_verify_match if verifier == "math-verify" else answers_match
         return 1.0 if match(pred, truth if t is None else t) else 0.0
-    except BaseException as e:  # a verifier bug (or math-verify's timeout) must not crash training: 0
+    # a verifier bug (or math-verify's timeout) must not crash training: 0
+    except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
         return 0.0

@@ -19,7 +19,7 @@ import amft
 import model as policy
 
 
-# ---------------------------------------------------------------------------- GRPO and the baselines' losses
+# ------------------------------------------------------------ GRPO and the baselines' losses
 def test_zero_std_groups_get_zero_advantage():
     r = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     A, frac = amft.group_advantages(r)
@@ -33,9 +33,11 @@ def test_demonstration_joins_its_group_as_sample_g_plus_1():
     A, A_demo, frac = amft.advantages(r, r_demo)
     std = torch.tensor([0.0, 0.0, 1.0, 1.0]).std().item()
     assert A.shape == (6,) and A_demo.shape == (2,) and frac == 0.5
-    assert A_demo[0].item() == pytest.approx(0.5 / (std + 1e-4)) and A[0].item() == pytest.approx(-0.5 / (std + 1e-4))
+    assert (A_demo[0].item() == pytest.approx(0.5 / (std + 1e-4))
+            and A[0].item() == pytest.approx(-0.5 / (std + 1e-4)))
     assert A_demo[1] == 0 and A[3:].abs().sum() == 0  # all four equal: no signal
-    # all rollouts wrong, the demonstration right: the group has a signal only with the demonstration
+    # all rollouts wrong, the demonstration right: the group has a signal only with the
+    # demonstration
     A, A_demo, frac = amft.advantages(torch.zeros(1, 3), torch.tensor([1.0]))
     assert frac == 0.0 and A_demo[0] > 0 > A[0] and amft.advantages(torch.zeros(1, 3))[2] == 1.0
 
@@ -51,7 +53,8 @@ def test_grpo_gradient_raises_positive_and_lowers_negative(tiny64):
     seq_logp = lambda: policy.token_logprobs(model, full, attn, n_last=C).sum(1)
     before = seq_logp().detach()
     logp = policy.token_logprobs(model, full, attn, n_last=C)
-    loss, _ = amft.grpo_loss(logp, logp.detach(), torch.tensor([1.0, -1.0], dtype=torch.float64), cmask)
+    loss, _ = amft.grpo_loss(logp, logp.detach(), torch.tensor([1.0, -1.0], dtype=torch.float64),
+                             cmask)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     with torch.no_grad():
         for p, g in zip(model.parameters(), grads):
@@ -83,7 +86,8 @@ def test_clip_fraction_adds_up_over_micro_batches():
     logp, old = torch.randn(6, 5) * 0.3, torch.randn(6, 5) * 0.3  # many ratios outside [0.8, 1.28]
     A, mask = torch.randn(6), (torch.rand(6, 5) > 0.3).float()
     _, whole = amft.grpo_loss(logp, old, A, mask)
-    parts = [amft.grpo_loss(logp[s], old[s], A[s], mask[s], denom=mask.sum())[1]["clip_frac"] for s in (slice(0, 2), slice(2, 6))]
+    parts = [amft.grpo_loss(logp[s], old[s], A[s], mask[s], denom=mask.sum())[1]["clip_frac"]
+             for s in (slice(0, 2), slice(2, 6))]
     assert 0.1 < whole["clip_frac"] < 0.9 and sum(parts) == pytest.approx(whole["clip_frac"])
 
 
@@ -93,9 +97,10 @@ def test_k3_kl_per_token_and_its_expectation():
     _, m = amft.grpo_loss(logp, logp, torch.tensor([0.0]), torch.ones(1, 2), beta=0.1, ref_logp=ref)
     assert m["kl"] == pytest.approx(((math.exp(-1) + 1 - 1) + (math.exp(-2) + 2 - 1)) / 2)
     # weighting each token of a categorical pi by pi(y), the mean is exactly KL(pi || ref)
-    pi, q = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64), torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
-    _, m = amft.grpo_loss(pi.log()[None], pi.log()[None], torch.zeros(1, dtype=torch.float64), pi[None], beta=1.0,
-                          ref_logp=q.log()[None])
+    pi, q = (torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64),
+             torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64))
+    _, m = amft.grpo_loss(pi.log()[None], pi.log()[None], torch.zeros(1, dtype=torch.float64),
+                          pi[None], beta=1.0, ref_logp=q.log()[None])
     assert m["kl"] == pytest.approx((pi * (pi / q).log()).sum().item(), rel=1e-12)
 
 
@@ -104,40 +109,48 @@ def test_off_policy_losses():
     logp.retain_grad()
     amft.off_policy_loss(logp, torch.tensor([1.0]), torch.ones(1, 2), shaping=True).backward()
     p = torch.tensor([0.5, 0.01])
-    # d/dlogp of -mean(f(p)) = -(gamma p / (p + gamma)^2) / 2: rare tokens keep a large weight relative to p
+    # d/dlogp of -mean(f(p)) = -(gamma p / (p + gamma)^2) / 2: rare tokens keep a large weight
+    # relative to p
     torch.testing.assert_close(logp.grad[0], -(0.1 * p / (p + 0.1) ** 2) / 2)
     logp2 = torch.zeros(1, 2, requires_grad=True)
     amft.off_policy_loss(logp2, torch.tensor([2.0]), torch.ones(1, 2), shaping=False).backward()
     torch.testing.assert_close(logp2.grad, torch.full((1, 2), -1.0))
 
 
-# ---------------------------------------------------------------------------- methods as data
+# ------------------------------------------------------------ methods as data
 def test_methods_are_presets_of_switches():
     M = amft.METHODS
     assert M["amft-no-meta"] == amft.Method(warmup=True, entropy_term=True)
     assert M["amft-no-entropy"] == amft.Method(warmup=True, meta_term=True)
-    expect = {"sft": (0.0, 1.0), "grpo": (1.0, 0.0), "sft-grpo": (1.0, 0.0), "luffy": (1.0, 0.0), "fixed-mix": (0.3, 0.7),
-              "amft": (0.3, 0.7), "srft": (1.0, 0.5 * math.exp(-0.4))}
+    expect = {"sft": (0.0, 1.0), "grpo": (1.0, 0.0), "sft-grpo": (1.0, 0.0), "luffy": (1.0, 0.0),
+              "fixed-mix": (0.3, 0.7), "amft": (0.3, 0.7), "srft": (1.0, 0.5 * math.exp(-0.4))}
     for name, w in expect.items():
         assert amft.loss_weights(M[name], mu=0.7, H=0.4) == pytest.approx(w), name
         assert amft.loss_weights(M[name], mu=0.7, H=0.4, warm=True) == (0.0, 1.0)
-    assert amft.phase(M["sft-grpo"], 3, warmup=5) == amft.Phase(warm=True, rl=False, sft=True, demos=True)
-    assert amft.phase(M["sft-grpo"], 5, warmup=5) == amft.Phase(warm=False, rl=True, sft=False, demos=False)
-    assert amft.phase(M["luffy"], 0, warmup=5) == amft.Phase(warm=False, rl=True, sft=False, demos=True)
-    assert amft.phase(M["sft"], 9, warmup=5) == amft.Phase(warm=False, rl=False, sft=True, demos=True)
+    assert amft.phase(M["sft-grpo"], 3, warmup=5) == amft.Phase(warm=True, rl=False, sft=True,
+                                                                demos=True)
+    assert amft.phase(M["sft-grpo"], 5, warmup=5) == amft.Phase(warm=False, rl=True, sft=False,
+                                                                demos=False)
+    assert amft.phase(M["luffy"], 0, warmup=5) == amft.Phase(warm=False, rl=True, sft=False,
+                                                             demos=True)
+    assert amft.phase(M["sft"], 9, warmup=5) == amft.Phase(warm=False, rl=False, sft=True,
+                                                           demos=True)
 
 
 def test_mix_grads_in_place():
     g_rl, g_sft = {"a": torch.tensor(2.0)}, {"a": torch.tensor(4.0), "b": torch.tensor(1.0)}
     a = g_rl["a"]
     g = amft.mix_grads_(g_rl, g_sft, 0.75, 0.25)
-    assert g["a"].item() == pytest.approx(2.5) and g["b"].item() == pytest.approx(0.25) and g["a"] is a
+    assert (g["a"].item() == pytest.approx(2.5) and g["b"].item() == pytest.approx(0.25)
+            and g["a"] is a)
 
 
-# ---------------------------------------------------------------------------- the mu controller
+# ------------------------------------------------------------ the mu controller
 def _controller(**kw):
-    method = amft.Method(warmup=True, entropy_term=kw.pop("entropy_term", True), meta_term=kw.pop("meta_term", True))
-    return amft.MuController(method, **{**dict(mu0=0.5, mu_min=0.05, mu_max=0.95, eta_meta=0.1, eta_H=0.1, meta_every=2), **kw})
+    method = amft.Method(warmup=True, entropy_term=kw.pop("entropy_term", True),
+                         meta_term=kw.pop("meta_term", True))
+    return amft.MuController(method, **{**dict(mu0=0.5, mu_min=0.05, mu_max=0.95, eta_meta=0.1,
+                                               eta_H=0.1, meta_every=2), **kw})
 
 
 def test_entropy_term_sign_and_bounds():
@@ -153,8 +166,9 @@ def test_entropy_term_sign_and_bounds():
 
 
 def test_the_entropy_target_can_follow_the_entropy_instead():
-    # the alternative to the spec's once-measured H*: an EMA of the entropy (--H-target-ema); each step's
-    # entropy signal uses the target from before the step, then the target moves part of the way to H
+    # the alternative to the spec's once-measured H*: an EMA of the entropy (--H-target-ema); each
+    # step's entropy signal uses the target from before the step, then the target moves part of
+    # the way to H
     c = _controller(meta_term=False, H_target_ema=0.25)
     c.update(H=1.0)
     assert c.H_target == 1.0 and c.mu == 0.5
@@ -177,8 +191,8 @@ def test_normalized_meta_grad_is_in_units_of_mu():
 
 
 def test_silent_meta_gradients_neither_move_mu_nor_enter_the_rms():
-    # a dU/dmu over validation groups whose rewards were all equal is exactly 0 and says nothing: ten of
-    # them in a row used to shrink the RMS and scale the next real value to 2.6
+    # a dU/dmu over validation groups whose rewards were all equal is exactly 0 and says nothing:
+    # ten of them in a row used to shrink the RMS and scale the next real value to 2.6
     quiet, loud = _controller(entropy_term=False), _controller(entropy_term=False)
     for c in (quiet, loud):
         c.update(H=0.5, dU_dmu=2e-6)
@@ -194,7 +208,8 @@ def test_silent_meta_gradients_neither_move_mu_nor_enter_the_rms():
     inflated.update(H=0.5, dU_dmu=2e-6)
     for _ in range(10):
         inflated.update(H=0.5, dU_dmu=0.0)
-    assert abs(inflated.update(H=0.5, dU_dmu=-1e-6)["meta_grad_scaled"]) > 2 * abs(after_loud["meta_grad_scaled"])
+    assert (abs(inflated.update(H=0.5, dU_dmu=-1e-6)["meta_grad_scaled"])
+            > 2 * abs(after_loud["meta_grad_scaled"]))
 
 
 @pytest.mark.parametrize("bad", ["entropy", "meta", "loss"])
@@ -209,7 +224,8 @@ def test_non_finite_input_leaves_the_controller_unchanged(bad, value):
           "loss": dict(H=0.5, dU_dmu=1e-6, losses_finite=False)}[bad]
     m = c.update(**kw)
     after = c.state_dict()
-    assert {k: v for k, v in after.items() if k != "rejected"} == {k: v for k, v in before.items() if k != "rejected"}
+    assert ({k: v for k, v in after.items() if k != "rejected"}
+            == {k: v for k, v in before.items() if k != "rejected"})
     assert after["rejected"] == 1 and m["mu_rejected"] == 1 and m["mu"] == before["mu"]
     c.update(H=0.5, dU_dmu=1e-6)          # and it goes on
     assert math.isfinite(c.mu) and c.mu != before["mu"] and c.meta_n == 3
@@ -221,24 +237,27 @@ def test_non_finite_input_leaves_the_controller_unchanged(bad, value):
     assert first.H_target is None and first.update(H=0.7)["H_target"] == 0.7
 
 
-# ---------------------------------------------------------------------------- meta-gradient
+# ------------------------------------------------------------ meta-gradient
 def _meta_setup(model, tok, seed=0, n_val=6, G=3):
     """Real g_SFT and g_RL on the tiny model, and a micro-batchable U_sur on fixed rollouts."""
     torch.manual_seed(seed)
     params = {n: p for n, p in model.named_parameters()}
     demo = policy.sft_batch(tok, ["make 3: ", "make 2: "], ["1+2", "1*2"], tok.eos_token_id, "cpu")
     logp_demo = policy.token_logprobs(model, demo.ids, demo.attn, n_last=demo.mask.shape[1])
-    g_sft = dict(zip(params, torch.autograd.grad(amft.sft_loss(logp_demo, demo.mask), list(params.values()))))
+    g_sft = dict(zip(params, torch.autograd.grad(amft.sft_loss(logp_demo, demo.mask),
+                                                 list(params.values()))))
     roll = policy.sample(model, tok, ["make 3: ", "make 2: "], G=G, max_new_tokens=5)
     C, N = roll.mask.shape[1], len(roll.texts)
     gen = torch.Generator().manual_seed(seed)
-    A_rl, A_val = torch.randn(N, generator=gen, dtype=torch.float64), torch.randn(N, generator=gen, dtype=torch.float64)
+    A_rl, A_val = (torch.randn(N, generator=gen, dtype=torch.float64),
+                   torch.randn(N, generator=gen, dtype=torch.float64))
     logp = policy.token_logprobs(model, roll.ids, roll.attn, n_last=C)
     dtype = logp.dtype
     rl_loss = amft.grpo_loss(logp, logp.detach(), A_rl.to(dtype), roll.mask.to(dtype))[0]
     g_rl = dict(zip(params, torch.autograd.grad(rl_loss, list(params.values()))))
 
-    class Scored(torch.nn.Module):  # token_logprobs as a module, to evaluate at other weights (functional_call)
+    # token_logprobs as a module, to evaluate at other weights (functional_call)
+    class Scored(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.model = model
@@ -248,7 +267,8 @@ def _meta_setup(model, tok, seed=0, n_val=6, G=3):
 
     def U(chunk, at=None):  # at: other weights than the model's (a dict of name -> tensor)
         args = (roll.ids[chunk], roll.attn[chunk])
-        lp = Scored()(*args) if at is None else torch.func.functional_call(Scored(), {f"model.{k}": v for k, v in at.items()}, args)
+        lp = Scored()(*args) if at is None else torch.func.functional_call(
+            Scored(), {f"model.{k}": v for k, v in at.items()}, args)
         return amft.policy_gradient_surrogate(lp, A_val[chunk].to(lp), roll.mask[chunk].to(lp), n=N)
     return params, g_sft, g_rl, U, [slice(0, N)]
 
@@ -272,7 +292,8 @@ def test_autograd_estimator_equals_backprop_into_a_leaf_mu(tiny64):
     theta = amft.lookahead({k: p.detach() for k, p in params.items()}, g_rl, g_sft, mu, 1e-2)
     (leaf,) = torch.autograd.grad(U(one[0], at=theta), mu)
     before = {k: p.detach().clone() for k, p in params.items()}
-    assert leaf != 0 and amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, 1e-2, one) == pytest.approx(leaf.item(), rel=1e-9)
+    assert leaf != 0 and (amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, 1e-2, one)
+                          == pytest.approx(leaf.item(), rel=1e-9))
     assert all(p.grad is None for p in params.values())  # and the model's .grad is left alone
     # the weights were moved to theta' in place and back: within one rounding of where they were
     for k, p in params.items():  # two roundings, each at most half an ulp of theta or theta'
@@ -281,15 +302,18 @@ def test_autograd_estimator_equals_backprop_into_a_leaf_mu(tiny64):
     assert any((p != before[k]).any() for k, p in params.items())  # (so the bound was tested)
 
 
-def test_the_look_ahead_in_place_holds_no_copy_of_the_weights_and_agrees_with_grad_checkpointing(tiny_path):
-    # theta' lives in the model's own tensors, so gradient checkpointing (which re-runs each layer's
-    # forward during backward) recomputes at theta' too: the estimate is the same with it on
+def test_the_look_ahead_in_place_holds_no_copy_of_the_weights_and_agrees_with_grad_checkpointing(
+        tiny_path):
+    # theta' lives in the model's own tensors, so gradient checkpointing (which re-runs each
+    # layer's forward during backward) recomputes at theta' too: the estimate is the same with it
+    # on
     model, tok = policy.load_policy(tiny_path, dtype=torch.float64)
     params, g_sft, g_rl, U, one = _meta_setup(model, tok, seed=4)
     plain = amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, 1e-2, one)
     policy.set_checkpointing(model, True)
     model.train()
-    assert plain != 0 and amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, 1e-2, one) == pytest.approx(plain, rel=1e-9)
+    assert plain != 0 and (amft.meta_grad_autograd(U, params, g_rl, g_sft, 0.6, 1e-2, one)
+                           == pytest.approx(plain, rel=1e-9))
 
 
 def test_finite_difference_is_right_in_float32_at_a_real_learning_rate(tiny_path):
@@ -310,7 +334,8 @@ def test_meta_gradient_in_micro_batches_equals_one_pass(tiny64):
     for name, estimator in amft.META_GRADS.items():
         whole = estimator(U, params, g_rl, g_sft, 0.6, 1e-3, one)
         rel = 1e-6 if name == "fd" else 1e-9  # fd's own round-off is ~1e-8 relative in float64
-        assert whole != 0 and estimator(U, params, g_rl, g_sft, 0.6, 1e-3, chunks) == pytest.approx(whole, rel=rel), name
+        assert whole != 0 and (estimator(U, params, g_rl, g_sft, 0.6, 1e-3, chunks)
+                               == pytest.approx(whole, rel=rel)), name
 
 
 def test_first_order_approaches_exact_as_alpha_shrinks(tiny64):
@@ -332,7 +357,8 @@ def test_meta_step_moves_mu_toward_the_helpful_loss(sft_helps):
     params = {"w": torch.zeros(3, dtype=torch.float64, requires_grad=True)}
     g_sft, g_rl = ({"w": -c}, {"w": c}) if sft_helps else ({"w": c}, {"w": -c})
     U = lambda chunk: (c * params["w"]).sum()
-    estimates = [f(U, params, g_rl, g_sft, 0.5, 0.1, [slice(None)]) for f in amft.META_GRADS.values()]
+    estimates = [f(U, params, g_rl, g_sft, 0.5, 0.1, [slice(None)])
+                 for f in amft.META_GRADS.values()]
     for g in estimates:
         assert g == pytest.approx(estimates[0]) and (g > 0) == sft_helps
         controller = _controller(entropy_term=False)

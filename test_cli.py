@@ -28,19 +28,22 @@ from conftest import HERE, SMALL, WARM_TASK, run, run_cli
 
 def test_cli_smoke_run_writes_outputs(tmp_path):
     out = tmp_path / "run"
-    res = run_cli("--steps", "6", "--warmup", "2", "--meta-every", "2", "--eval-every", "3", "--batch-size", "4",
-                  "--group-size", "4", "--meta-grad", "autograd", "--beta", "0.01", "--out", str(out))
+    res = run_cli("--steps", "6", "--warmup", "2", "--meta-every", "2", "--eval-every", "3",
+                  "--batch-size", "4", "--group-size", "4", "--meta-grad", "autograd",
+                  "--beta", "0.01", "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == list(range(6)) and [m["phase"] for m in lines] == ["warmup"] * 2 + ["main"] * 4
-    for key in ("mu", "entropy", "H_target", "reward_mean", "sft_loss", "rl_loss", "meta_grad", "frac_zero_std",
-                "samples_per_s", "kl", "clip_frac", "prompts_crc32"):
+    assert ([m["step"] for m in lines] == list(range(6))
+            and [m["phase"] for m in lines] == ["warmup"] * 2 + ["main"] * 4)
+    for key in ("mu", "entropy", "H_target", "reward_mean", "sft_loss", "rl_loss", "meta_grad",
+                "frac_zero_std", "samples_per_s", "kl", "clip_frac", "prompts_crc32"):
         assert key in lines[-1]
-    assert "val_reward" in lines[2] and "val_reward" not in lines[3] and lines[2]["kl"] == 0.0 < lines[3]["kl"]  # K = 2
+    assert ("val_reward" in lines[2] and "val_reward" not in lines[3]
+            and lines[2]["kl"] == 0.0 < lines[3]["kl"])  # K = 2
     assert [m["step"] for m in lines if "val_accuracy" in m] == [2, 5]
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("method", "id_accuracy", "ood_accuracy", "ood_accuracy_faces", "ood_accuracy_no_faces", "steps", "wall_seconds",
-                "final_mu", "mu_rejected"):
+    for key in ("method", "id_accuracy", "ood_accuracy", "ood_accuracy_faces",
+                "ood_accuracy_no_faces", "steps", "wall_seconds", "final_mu", "mu_rejected"):
         assert key in summary
     assert json.loads((out / "config.json").read_text())["meta_grad"] == "autograd"
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,26 +63,32 @@ class _Payload:
 def test_damaged_or_unsafe_checkpoint_is_refused_in_one_line(tmp_path, tiny_path):
     run(tmp_path, model=tiny_path, method="sft", steps=2, batch_size=2)
     state_file = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
-    assert torch.load(state_file, weights_only=True)["state"]["step"] == 2  # what we write loads safely
+    # what we write loads safely
+    assert torch.load(state_file, weights_only=True)["state"]["step"] == 2
     good = state_file.read_bytes()
-    state_file.write_bytes(good[:len(good) // 2])  # truncated: a UsageError, which the command line prints in one line
+    # truncated: a UsageError, which the command line prints in one line
+    state_file.write_bytes(good[:len(good) // 2])
     with pytest.raises(train.UsageError, match="is damaged and cannot be read"):
         train.main(train.parse_args(["--resume", str(tmp_path / "run"), "--steps", "3"]))
     marker = tmp_path / "pwned"
-    torch.save({"optimizer": {}, "state": {"step": 1}, "ref": None, "x": _Payload(marker)}, state_file)
+    torch.save({"optimizer": {}, "state": {"step": 1}, "ref": None, "x": _Payload(marker)},
+               state_file)
     res = run_cli("--resume", str(tmp_path / "run"), "--steps", "3")
     last = res.stderr.strip().splitlines()[-1]
-    assert res.returncode == 1 and last.startswith("error:") and "refusing" in last and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert (res.returncode == 1 and last.startswith("error:") and "refusing" in last
+            and "Traceback" not in res.stderr), res.stderr[-2000:]
     assert not marker.exists()
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--steps", "400", "--warmup", "400",
-                             "--save-every", "0", "--out", str(out)], stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"),
+                             "--steps", "400", "--warmup", "400", "--save-every", "0",
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=HERE)
     deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 3):
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                          and (out / "metrics.jsonl").read_text().count("\n") >= 3):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -154,14 +163,17 @@ def test_bad_input_one_line_error_and_no_output(tmp_path, args, message):
 def test_task_file_without_fields_is_rejected_by_cli(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "2+2"}) + "\n")
-    with pytest.raises(train.UsageError, match="no usable rows.*question"):  # one line on the command line, as above
-        train.main(train.parse_args(["--task", str(bad), "--steps", "2", "--out", str(tmp_path / "run")]))
+    # one line on the command line, as above
+    with pytest.raises(train.UsageError, match="no usable rows.*question"):
+        train.main(train.parse_args(["--task", str(bad), "--steps", "2",
+                                     "--out", str(tmp_path / "run")]))
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("text,message", [
     ("", "the file is empty"),
-    ('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": "4"}\n{"prompt": "3+3?" "answer": 6}\n',
+    (('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": "4"}\n'
+      '{"prompt": "3+3?" "answer": 6}\n'),
      "line 3 is not JSON"),
     ('{"prompt": "1+1?", "answer": "2"}\n[1, 2]\n', "line 2 is not a JSON object"),
 ])
@@ -174,50 +186,67 @@ def test_empty_or_broken_task_file_names_the_file_row_and_reason(tmp_path, text,
 
 
 def test_small_task_file_is_refused_at_the_door_and_unusable_rows_are_reported(tmp_path, capsys):
-    rows = [{"prompt": f"{a}+1?", "answer": str(a + 1), "demo": f"\\boxed{{{a + 1}}}"} for a in range(16)]
+    rows = [{"prompt": f"{a}+1?", "answer": str(a + 1), "demo": f"\\boxed{{{a + 1}}}"}
+            for a in range(16)]
     path = tmp_path / "small.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    with pytest.raises(train.UsageError, match="12 train / 1 val / 3 test rows, too few for --batch-size 16"):
-        train.main(train.Config(task=str(path), steps=1, out=str(tmp_path / "run")))  # tiny recipe: B = 16
+    with pytest.raises(train.UsageError,
+                       match="12 train / 1 val / 3 test rows, too few for --batch-size 16"):
+        # tiny recipe: B = 16
+        train.main(train.Config(task=str(path), steps=1, out=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
     rows[4].pop("answer")
     rows[9]["answer"] = ""
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    train.main(train.Config(task=str(path), steps=1, batch_size=2, group_size=2, max_new_tokens=4, warmup=0,
-                            eval_every=1000, save_every=0, skip_test=True, out=str(tmp_path / "run")))
+    train.main(train.Config(task=str(path), steps=1, batch_size=2, group_size=2, max_new_tokens=4,
+                            warmup=0, eval_every=1000, save_every=0, skip_test=True,
+                            out=str(tmp_path / "run")))
     err = capsys.readouterr().err
-    assert "2 of 16 rows skipped (train row 5: no answer; train row 10: an empty question or answer)" in err, err
+    assert ("2 of 16 rows skipped (train row 5: no answer; "
+            "train row 10: an empty question or answer)") in err, err
 
 
 def test_diverging_run_skips_non_finite_steps_then_stops(tmp_path):
-    with pytest.raises(train.TrainingError, match="3 non-finite steps in a row"):  # printed in one line by the command line
-        train.main(train.parse_args(["--method", "sft", "--lr", "1e30", "--steps", "20", "--max-bad-steps", "3",
-                                     "--batch-size", "4", "--skip-test", "--out", str(tmp_path / "run")]))
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # printed in one line by the command line
+    with pytest.raises(train.TrainingError, match="3 non-finite steps in a row"):
+        train.main(train.parse_args(["--method", "sft", "--lr", "1e30", "--steps", "20",
+                                     "--max-bad-steps", "3", "--batch-size", "4", "--skip-test",
+                                     "--out", str(tmp_path / "run")]))
+    lines = [json.loads(line)
+             for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(m["skipped"] for m in lines) >= 2
 
 
 def test_cli_trains_saved_tiny_model_on_gsm8k_file_and_eval_only(tmp_path, tiny_path, math_files):
     out = tmp_path / "run"
-    res = run_cli("--model", tiny_path, "--recipe", "tiny", "--task", math_files["gsm8k"], "--steps", "3", "--warmup", "1", "--batch-size", "2",
-                  "--group-size", "2", "--max-new-tokens", "6", "--meta-every", "1", "--micro-batch", "2", "--grad-ckpt", "--out", str(out))
+    res = run_cli("--model", tiny_path, "--recipe", "tiny", "--task", math_files["gsm8k"],
+                  "--steps", "3", "--warmup", "1", "--batch-size", "2", "--group-size", "2",
+                  "--max-new-tokens", "6", "--meta-every", "1", "--micro-batch", "2", "--grad-ckpt",
+                  "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["task"] == math_files["gsm8k"] and summary["ood_accuracy"] is None and 0 <= summary["id_accuracy"] <= 1
-    assert (out / "checkpoint" / "trainer_state.pt").exists() and not (out / "checkpoint.tmp").exists()
-    train.main(train.parse_args(["--eval-only", "--model", str(out / "model"), "--recipe", "tiny", "--task", math_files["gsm8k"],
-                                 "--max-new-tokens", "6", "--pass-k", "2", "--out", str(tmp_path / "eval")]))  # in this process
+    assert (summary["task"] == math_files["gsm8k"] and summary["ood_accuracy"] is None
+            and 0 <= summary["id_accuracy"] <= 1)
+    assert ((out / "checkpoint" / "trainer_state.pt").exists()
+            and not (out / "checkpoint.tmp").exists())
+    # in this process
+    train.main(train.parse_args(["--eval-only", "--model", str(out / "model"), "--recipe", "tiny",
+                                 "--task", math_files["gsm8k"], "--max-new-tokens", "6",
+                                 "--pass-k", "2", "--out", str(tmp_path / "eval")]))
     ev = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert ev["method"] == "eval-only" and ev["id_accuracy"] == summary["id_accuracy"] and 0 <= ev["pass@2"] <= 1
+    assert (ev["method"] == "eval-only" and ev["id_accuracy"] == summary["id_accuracy"]
+            and 0 <= ev["pass@2"] <= 1)
 
 
 def test_chat_template_prompt_and_turn_end(tiny_path):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_path)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                         "{{ m['content'] }}<|im_end|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    assert policy.use_chat(tok, "Qwen/Qwen2.5-0.5B-Instruct", "auto") and not policy.use_chat(tok, "Qwen/Qwen2.5-0.5B", "auto")
+    assert (policy.use_chat(tok, "Qwen/Qwen2.5-0.5B-Instruct", "auto")
+            and not policy.use_chat(tok, "Qwen/Qwen2.5-0.5B", "auto"))
     assert policy.format_prompt(tok, "2+2?", True).endswith("<|im_start|>assistant\n")
     assert policy.format_prompt(tok, "2+2?", False) == "2+2?"
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -229,7 +258,8 @@ def test_lora_run_trains_adapters_only_and_saves_a_merged_model(tmp_path, tiny_p
     model, _ = policy.load_policy(tiny_path, lora_r=4)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    _, _, out = run(tmp_path, model=tiny_path, lora_r=4, steps=3, warmup=1, meta_every=1, batch_size=2, group_size=2)
+    _, _, out = run(tmp_path, model=tiny_path, lora_r=4, steps=3, warmup=1, meta_every=1,
+                    batch_size=2, group_size=2)
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     assert not any("lora" in n for n, _ in merged.named_parameters())
@@ -237,35 +267,49 @@ def test_lora_run_trains_adapters_only_and_saves_a_merged_model(tmp_path, tiny_p
 
 def test_compare_quick_writes_table_and_figure(tmp_path, warm_path):
     import compare
-    task = ["--model", warm_path, "--recipe", "tiny", "--target", WARM_TASK["target"]]  # a model that scores: differences to pair
-    results = compare.main(["--quick", "--methods", "sft,amft", "--seeds", "2", "--steps", "3", "--warmup", "1", "--jobs", "2",
-                            "--batch-size", "2", "--group-size", "2", "--eval-every", "1", *task, "--out", str(tmp_path)])
+    # a model that scores: differences to pair
+    task = ["--model", warm_path, "--recipe", "tiny", "--target", WARM_TASK["target"]]
+    results = compare.main(["--quick", "--methods", "sft,amft", "--seeds", "2", "--steps", "3",
+                            "--warmup", "1", "--jobs", "2", "--batch-size", "2",
+                            "--group-size", "2", "--eval-every", "1", *task,
+                            "--out", str(tmp_path)])
     assert set(results) == {"sft", "amft"} and all(len(r) == 2 for r in results.values())
     # --jobs 2: each run trained in a process of its own, its printout kept in its folder
-    assert all("after training" in (tmp_path / f"{m}-seed{s}" / "train.log").read_text() for m in ("sft", "amft") for s in (0, 1))
+    assert all("after training" in (tmp_path / f"{m}-seed{s}" / "train.log").read_text()
+               for m in ("sft", "amft") for s in (0, 1))
     assert not list(tmp_path.glob("*.log"))
     table = (tmp_path / "results.md").read_text()
-    assert "| sft |" in table and "| amft |" in table and "±" in table and "| ID − amft [95% CI] |" in table
+    assert ("| sft |" in table and "| amft |" in table and "±" in table
+            and "| ID − amft [95% CI] |" in table)
     import re
     sft_row = next(line for line in table.splitlines() if line.startswith("| sft |"))
-    assert re.search(r"\| [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] \|", sft_row)  # paired by seed, with its interval
+    # paired by seed, with its interval
+    assert re.search(r"\| [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] \|", sft_row)
     ids = {m: [r["summary"]["id_accuracy"] for r in results[m]] for m in ("sft", "amft")}
-    assert f"{sum(ids['sft']) / 2 - sum(ids['amft']) / 2:+.3f} [" in sft_row  # the mean paired difference
-    assert "`python compare.py --quick --methods sft,amft --seeds 2 --steps 3" in table and "(4 runs trained, 0 reused)" in table
-    assert all(0 < r["summary"]["id_accuracy"] for r in results["sft"])  # made non-trivial: the intervals pair real scores
+    # the mean paired difference
+    assert f"{sum(ids['sft']) / 2 - sum(ids['amft']) / 2:+.3f} [" in sft_row
+    assert ("`python compare.py --quick --methods sft,amft --seeds 2 --steps 3" in table
+            and "(4 runs trained, 0 reused)" in table)
+    # made non-trivial: the intervals pair real scores
+    assert all(0 < r["summary"]["id_accuracy"] for r in results["sft"])
     try:
         import matplotlib  # noqa: F401  (optional: without it the table is still written)
-        assert (tmp_path / "comparison.png").stat().st_size > 10_000 and (tmp_path / "amft-seed1" / "curves.png").exists()
+        assert ((tmp_path / "comparison.png").stat().st_size > 10_000
+                and (tmp_path / "amft-seed1" / "curves.png").exists())
     except ImportError:
         assert not (tmp_path / "comparison.png").exists()
     # a finished run is reused, not trained again; a missing seed is trained (here in this process)
     before = (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime
-    more = compare.main(["--methods", "sft", "--seeds", "3", "--steps", "3", "--batch-size", "2", *task, "--out", str(tmp_path)])
+    more = compare.main(["--methods", "sft", "--seeds", "3", "--steps", "3", "--batch-size", "2",
+                         *task, "--out", str(tmp_path)])
     assert (tmp_path / "sft-seed0" / "summary.json").stat().st_mtime == before
-    assert [r["summary"]["seed"] for r in more["sft"]] == [0, 1, 2] and (tmp_path / "sft-seed2" / "summary.json").exists()
+    assert ([r["summary"]["seed"] for r in more["sft"]] == [0, 1, 2]
+            and (tmp_path / "sft-seed2" / "summary.json").exists())
     assert "(1 runs trained, 2 reused)" in (tmp_path / "results.md").read_text()
-    assert compare.mean_std([0.25]) == "0.250" and compare.mean_std([0.25, 0.75]) == "0.500 ± 0.354"  # one seed: no "± 0.000"
-    assert compare.difference([0.0, 0.0], [0.0, 0.0]) == "both 0" and compare.difference([0.0, 0.0], [0.0, 0.1]).startswith("+0.050 [")
+    assert (compare.mean_std([0.25]) == "0.250"
+            and compare.mean_std([0.25, 0.75]) == "0.500 ± 0.354")  # one seed: no "± 0.000"
+    assert (compare.difference([0.0, 0.0], [0.0, 0.0]) == "both 0"
+            and compare.difference([0.0, 0.0], [0.0, 0.1]).startswith("+0.050 ["))
 
 
 def test_a_compare_worker_is_interrupted_once_its_parent_is_gone():
@@ -278,14 +322,16 @@ def test_a_compare_worker_is_interrupted_once_its_parent_is_gone():
     time.sleep(1.5)
     assert watchdog.is_alive()  # our parent is still there: nothing happens
     with pytest.raises(KeyboardInterrupt):
-        threading.Thread(target=compare.stop_with_parent, args=(-1,), daemon=True).start()  # "-1": a parent already gone
+        # "-1": a parent already gone
+        threading.Thread(target=compare.stop_with_parent, args=(-1,), daemon=True).start()
         time.sleep(5)
 
 
 def test_compare_takes_a_method_with_settings_of_its_own():
     import compare
     assert compare.parse_entry("amft") == ("amft", {})
-    assert compare.parse_entry("amft@H_target_ema=0.02,eta_H=0.03") == ("amft", {"H_target_ema": 0.02, "eta_H": 0.03})
+    assert (compare.parse_entry("amft@H_target_ema=0.02,eta_H=0.03")
+            == ("amft", {"H_target_ema": 0.02, "eta_H": 0.03}))
     for bad in ("amft@nope=1", "amft@H_target_ema=", "amft@meta_every=x"):
         with pytest.raises(SystemExit, match="error:"):
             compare.parse_entry(bad)
@@ -294,34 +340,45 @@ def test_compare_takes_a_method_with_settings_of_its_own():
 def test_bench_quick_prints_every_row():
     import bench
     result = bench.main(["--quick"])
-    assert len(result["decode"]) == 3 and all(ms > 0 and tps > 0 for _, ms, tps, _ in result["decode"])
-    assert result["decode"][1][3] == 1.0 and result["agreement"] == {"generate": 1.0, "loop": 1.0, "generate greedy": 1.0, "loop greedy": 1.0}
+    assert (len(result["decode"]) == 3
+            and all(ms > 0 and tps > 0 for _, ms, tps, _ in result["decode"]))
+    assert (result["decode"][1][3] == 1.0
+            and result["agreement"] == {"generate": 1.0, "loop": 1.0, "generate greedy": 1.0,
+                                        "loop greedy": 1.0})
     (dtype, micro, ckpt, tokens_s, tflops, _), = result["train"]
     assert tokens_s > 0 and tflops > 0 and ckpt
     assert set(result["steps"]) == {"fixed-mix", "amft first-order"}
     fixed, amft = result["steps"]["fixed-mix"], result["steps"]["amft first-order"]
-    assert fixed["meta"] is None and fixed["phases"]["meta"] is None and amft["meta"] > 0 and amft["phases"]["meta"] > 0
+    assert (fixed["meta"] is None and fixed["phases"]["meta"] is None
+            and amft["meta"] > 0 and amft["phases"]["meta"] > 0)
     assert all(v > 0 for k, v in amft["phases"].items()) and 0 < fixed["plain"] < amft["meta"]
-    assert "x fixed-mix" in result["table"] and "x generate" in result["table"] and "meta every 20" in result["table"]
-    assert 0 < result["memory"] < 2**30 and "MiB of live tensors" in result["table"]  # the replayed step (memory.py)
+    assert ("x fixed-mix" in result["table"] and "x generate" in result["table"]
+            and "meta every 20" in result["table"])
+    # the replayed step (memory.py)
+    assert 0 < result["memory"] < 2**30 and "MiB of live tensors" in result["table"]
 
 
 @pytest.fixture(scope="module")
 def instruct_path(tmp_path_factory):
     """A pretrained-like checkpoint, offline: a chat template ending turns with <|im_end|>, a
-    generation config that sets processors, no pad token, untied embeddings, 'Instruct' in its name."""
+    generation config that sets processors, no pad token, untied embeddings, 'Instruct' in its
+    name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    base = policy.make_tiny_model(str(tmp_path_factory.mktemp("base")), n_layer=2, n_embd=32, n_head=2)
+    base = policy.make_tiny_model(str(tmp_path_factory.mktemp("base")),
+                                  n_layer=2, n_embd=32, n_head=2)
     tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.pad_token = None
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                         "{{ m['content'] }}<|im_end|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     model.resize_token_embeddings(len(tok))
     model.config.tie_word_embeddings = False
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    model.generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05,
-                                               eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id])
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8,
+                                               repetition_penalty=1.05,
+                                               eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"),
+                                                             tok.eos_token_id])
     path = tmp_path_factory.mktemp("hub") / "Tiny-Instruct"
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -331,34 +388,46 @@ def instruct_path(tmp_path_factory):
 def test_a_pretrained_model_resolves_to_the_pretrained_recipe(instruct_path):
     cfg = train.parse_args(["--model", instruct_path])
     assert train.resolve(cfg, cuda=False) == "pretrained"
-    assert (cfg.lr, cfg.warmup, cfg.meta_every, cfg.cards, cfg.target, cfg.prompt) == (1e-6, 50, 20, 4, "24", "plain")
-    assert (cfg.micro_batch, cfg.dtype, cfg.grad_ckpt, cfg.amp, cfg.group_size, cfg.sampler) == (16, "float32", True, False, 8, "generate")
-    cfg = train.parse_args(["--model", "Qwen2.5-0.5B"])  # the headline command, on a GPU: mixed precision, compiled sampler
+    assert ((cfg.lr, cfg.warmup, cfg.meta_every, cfg.cards, cfg.target, cfg.prompt)
+            == (1e-6, 50, 20, 4, "24", "plain"))
+    assert ((cfg.micro_batch, cfg.dtype, cfg.grad_ckpt, cfg.amp, cfg.group_size, cfg.sampler)
+            == (16, "float32", True, False, 8, "generate"))
+    # the headline command, on a GPU: mixed precision, compiled sampler
+    cfg = train.parse_args(["--model", "Qwen2.5-0.5B"])
     train.resolve(cfg, cuda=True)
-    assert (cfg.recipe, cfg.lr, cfg.dtype, cfg.amp, cfg.grad_ckpt, cfg.sampler) == ("pretrained", 1e-6, "float32", True, True, "compiled")
+    assert ((cfg.recipe, cfg.lr, cfg.dtype, cfg.amp, cfg.grad_ckpt, cfg.sampler)
+            == ("pretrained", 1e-6, "float32", True, True, "compiled"))
     cfg = train.parse_args(["--model", "Qwen2.5-0.5B", "--sampler", "loop"])
     train.resolve(cfg, cuda=True)
     assert cfg.sampler == "loop"
-    cfg = train.parse_args(["--model", "Qwen2.5-0.5B", "--lr", "3e-6", "--no-grad-ckpt", "--cards", "3"])
+    cfg = train.parse_args(["--model", "Qwen2.5-0.5B", "--lr", "3e-6", "--no-grad-ckpt",
+                            "--cards", "3"])
     train.resolve(cfg, cuda=True)  # every explicit flag wins
     assert (cfg.lr, cfg.grad_ckpt, cfg.cards, cfg.target) == (3e-6, False, 3, "24")
     cfg = train.parse_args([])
-    assert train.resolve(cfg, cuda=True) == "tiny" and (cfg.lr, cfg.dtype, cfg.prompt, cfg.steps) == (1e-3, "float32", "compact", 700)
+    assert (train.resolve(cfg, cuda=True) == "tiny"
+            and (cfg.lr, cfg.dtype, cfg.prompt, cfg.steps) == (1e-3, "float32", "compact", 700))
 
 
 def test_a_pretrained_like_checkpoint_trains_evaluates_and_resumes(tmp_path, instruct_path, capsys):
     import data
-    hands = tmp_path / "hands.jsonl"  # 4-card hands (a file: the full 4-card split takes ~20 s to solve)
-    hands.write_text("\n".join(json.dumps({"cards": list(h)}) for h in data.all_hands(4)[::40]) + "\n")
+    # 4-card hands (a file: the full 4-card split takes ~20 s to solve)
+    hands = tmp_path / "hands.jsonl"
+    hands.write_text("\n".join(json.dumps({"cards": list(h)}) for h in data.all_hands(4)[::40])
+                     + "\n")
     out = tmp_path / "run"
-    budget = ["--task", str(hands), "--steps", "3", "--warmup", "1", "--batch-size", "2", "--group-size", "2",
-              "--max-new-tokens", "8", "--val-prompts", "2", "--meta-every", "1"]
-    train.main(train.parse_args(["--model", instruct_path, *budget, "--out", str(out)]))  # in this process
+    budget = ["--task", str(hands), "--steps", "3", "--warmup", "1", "--batch-size", "2",
+              "--group-size", "2", "--max-new-tokens", "8", "--val-prompts", "2",
+              "--meta-every", "1"]
+    # in this process
+    train.main(train.parse_args(["--model", instruct_path, *budget, "--out", str(out)]))
     assert "recipe: pretrained" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
-    assert (config["recipe"], config["lr"], config["prompt"], config["micro_batch"], config["target"]) == ("pretrained", 1e-6, "plain", 16, "24")
+    assert ((config["recipe"], config["lr"], config["prompt"], config["micro_batch"],
+             config["target"]) == ("pretrained", 1e-6, "plain", 16, "24"))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["phase"] for m in lines] == ["warmup", "main", "main"] and lines[1]["rl_loss"] is not None
+    assert ([m["phase"] for m in lines] == ["warmup", "main", "main"]
+            and lines[1]["rl_loss"] is not None)
     assert json.loads((out / "summary.json").read_text())["id_accuracy"] is not None
     train.main(train.parse_args(["--resume", str(out), "--steps", "4"]))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
@@ -366,56 +435,76 @@ def test_a_pretrained_like_checkpoint_trains_evaluates_and_resumes(tmp_path, ins
     # config.json keeps the decision, so an eval-only of it scores the prompts the run was scored on
     assert config["chat"] == "on"
     scored = json.loads((out / "summary.json").read_text())
-    again = train.main(train.parse_args(["--eval-only", "--model", str(out / "model"), "--out", str(tmp_path / "eval")]))
+    again = train.main(train.parse_args(["--eval-only", "--model", str(out / "model"),
+                                         "--out", str(tmp_path / "eval")]))
     assert again["test_prompts_crc32"] == scored["test_prompts_crc32"]
-    bare = train.main(train.parse_args(["--eval-only", "--model", str(out / "model"), "--task", str(hands), "--chat", "off",
+    bare = train.main(train.parse_args(["--eval-only", "--model", str(out / "model"),
+                                        "--task", str(hands), "--chat", "off",
                                         "--out", str(tmp_path / "eval-bare")]))
-    assert bare["test_prompts_crc32"] != scored["test_prompts_crc32"]  # without the template: other prompts
-    for precision in (["--dtype", "bfloat16"], ["--amp"]):  # on a CPU too (in this process: the command line ran above)
-        summary = train.main(train.parse_args(["--model", instruct_path, *budget, *precision, "--skip-test", "--out",
+    # without the template: other prompts
+    assert bare["test_prompts_crc32"] != scored["test_prompts_crc32"]
+    # on a CPU too (in this process: the command line ran above)
+    for precision in (["--dtype", "bfloat16"], ["--amp"]):
+        summary = train.main(train.parse_args(["--model", instruct_path, *budget, *precision,
+                                               "--skip-test", "--out",
                                                str(tmp_path / precision[-1])]))
         assert summary["steps"] == 3 and summary["skipped_steps"] == 0
 
 
 def test_eval_only_of_a_run_scores_the_run_own_test_split(tmp_path, tiny_path, capsys):
-    # trained with seed 1, evaluated with no flags: the same test prompts it was scored on after training
-    summary, _, out = run(tmp_path, model=tiny_path, seed=1, steps=1, warmup=1, skip_test=False, **SMALL)
+    # trained with seed 1, evaluated with no flags: the same test prompts it was scored on after
+    # training
+    summary, _, out = run(tmp_path, model=tiny_path, seed=1, steps=1, warmup=1, skip_test=False,
+                          **SMALL)
     assert summary["seed"] == 1
     for where in (out / "model", out):
-        again = train.main(train.parse_args(["--eval-only", "--model", str(where), "--out", str(tmp_path / f"eval-{where.name}")]))
-        assert (again["seed"], again["test_prompts_crc32"], again["id_accuracy"]) == (1, summary["test_prompts_crc32"], summary["id_accuracy"])
-        assert again["test_prompts"] == summary["test_prompts"] and "task settings" in capsys.readouterr().out
-    other = train.main(train.parse_args(["--eval-only", "--model", str(out / "model"), "--seed", "0", "--out", str(tmp_path / "eval0")]))
+        again = train.main(train.parse_args(["--eval-only", "--model", str(where),
+                                             "--out", str(tmp_path / f"eval-{where.name}")]))
+        assert ((again["seed"], again["test_prompts_crc32"], again["id_accuracy"])
+                == (1, summary["test_prompts_crc32"], summary["id_accuracy"]))
+        assert (again["test_prompts"] == summary["test_prompts"]
+                and "task settings" in capsys.readouterr().out)
+    other = train.main(train.parse_args(["--eval-only", "--model", str(out / "model"),
+                                         "--seed", "0", "--out", str(tmp_path / "eval0")]))
     assert other["test_prompts_crc32"] != summary["test_prompts_crc32"]
     assert "--seed 0 (the run's: 1)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args", [["--model", "Qwen2.5-0.5B"], ["--task", "gsm8k"]])
 def test_an_unreachable_hub_fails_at_once_and_says_how_to_run_offline(tmp_path, args):
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy")}
     env["HF_ENDPOINT"] = "https://127.0.0.1"  # nothing listens on its port 443: refused at once
-    res = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args, "--steps", "1", "--out", str(tmp_path / "run")],
+    res = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args,
+                          "--steps", "1", "--out", str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=120, env=env, cwd=HERE)
-    assert res.returncode != 0 and "hub is unreachable" in res.stderr and "HF_HUB_OFFLINE=1" in res.stderr, res.stderr[-2000:]
+    assert (res.returncode != 0 and "hub is unreachable" in res.stderr
+            and "HF_HUB_OFFLINE=1" in res.stderr), res.stderr[-2000:]
     assert res.stderr.strip().count("\n") == 0 and not (tmp_path / "run").exists()
 
 
 
 @pytest.mark.parametrize("installed", [True, False])
-def test_the_run_says_which_math_verifier_it_used(tmp_path, tiny_path, math_files, monkeypatch, installed):
+def test_the_run_says_which_math_verifier_it_used(tmp_path, tiny_path, math_files, monkeypatch,
+                                                  installed):
     if installed:
         pytest.importorskip("math_verify", reason="math-verify not installed")
     else:
         monkeypatch.setitem(sys.modules, "math_verify", None)  # as if it were not installed
-    summary, _, out = run(tmp_path, model=tiny_path, task=math_files["gsm8k"], steps=1, warmup=0, **SMALL)
-    assert summary["verifier"] == json.loads((out / "config.json").read_text())["verifier"] == ("math-verify" if installed else "builtin")
+    summary, _, out = run(tmp_path, model=tiny_path, task=math_files["gsm8k"], steps=1, warmup=0,
+                          **SMALL)
+    assert (summary["verifier"] == json.loads((out / "config.json").read_text())["verifier"]
+            == ("math-verify" if installed else "builtin"))
     if not installed:
         with pytest.raises(train.UsageError, match="pip install"):
-            run(tmp_path, "asked", model=tiny_path, task=math_files["gsm8k"], steps=1, verifier="math-verify")
+            run(tmp_path, "asked", model=tiny_path, task=math_files["gsm8k"], steps=1,
+                verifier="math-verify")
 
 
-def test_a_run_from_before_the_split_by_problem_is_not_resumed_and_is_scored_with_a_warning(tmp_path, capsys):
-    # its training order indexes rows of the old split, and today's test split may hold problems it trained on
+def test_a_run_from_before_the_split_by_problem_is_not_resumed_and_is_scored_with_a_warning(
+        tmp_path, capsys):
+    # its training order indexes rows of the old split, and today's test split may hold problems
+    # it trained on
     run_dir = tmp_path / "old"
     (run_dir / "checkpoint").mkdir(parents=True)
     (run_dir / "checkpoint" / "trainer_state.pt").write_bytes(b"")
@@ -437,15 +526,21 @@ def test_long_demonstrations_are_dropped_at_the_door(tmp_path, tiny_path, capsys
     training rows are dropped, the run names them, and trains on the rest."""
     import data
     from conftest import write_jsonl
-    rows = [{"question": f"What is {a} plus {a}?", "answer": ("Think. " * 84 if a % 4 == 0 else "") + f"#### {2 * a}"}
+    rows = [{"question": f"What is {a} plus {a}?",
+             "answer": ("Think. " * 84 if a % 4 == 0 else "") + f"#### {2 * a}"}
             for a in range(1, 41)]
     path = write_jsonl(tmp_path / "long.jsonl", rows)
-    long_in_train = [i for i, r in enumerate(data.load_task(path, 0)["train"]) if len(r["demo"]) >= 100]
+    long_in_train = [i for i, r in enumerate(data.load_task(path, 0)["train"])
+                     if len(r["demo"]) >= 100]
     assert long_in_train
-    summary, lines, _ = run(tmp_path, model=tiny_path, task=path, steps=2, warmup=1, max_demo_tokens=100, **SMALL)
+    summary, lines, _ = run(tmp_path, model=tiny_path, task=path, steps=2, warmup=1,
+                            max_demo_tokens=100, **SMALL)
     said = capsys.readouterr().out
-    assert f"dropped {len(long_in_train)} training rows" in said and ", ".join(map(str, long_in_train[:3])) in said
+    assert (f"dropped {len(long_in_train)} training rows" in said
+            and ", ".join(map(str, long_in_train[:3])) in said)
     assert summary["steps"] == 2 and len(lines) == 2
-    kept, dropped = data.drop_long_demos([{"demo": "ab"}, {"demo": "abcd"}], lambda ts: [len(t) for t in ts], 3)
+    kept, dropped = data.drop_long_demos([{"demo": "ab"}, {"demo": "abcd"}],
+                                         lambda ts: [len(t) for t in ts], 3)
     assert (kept, dropped) == ([{"demo": "ab"}], [1])
-    assert data.drop_long_demos([{"demo": "abcd"}], lambda ts: [len(t) for t in ts], 0) == ([{"demo": "abcd"}], [])
+    assert (data.drop_long_demos([{"demo": "abcd"}], lambda ts: [len(t) for t in ts], 0)
+            == ([{"demo": "abcd"}], []))

@@ -46,7 +46,8 @@ def test_chunked_logprobs_hold_one_chunk_of_logits(tmp_path, monkeypatch):
     formula holds several (800, 4000) float32 tensors at once (12.8 MB each); the chunked code,
     at 50 positions a chunk, never more than a few chunks (0.8 MB each; 5.3 of them measured)."""
     from test_model import plain_logprobs
-    path = policy.make_tiny_model(str(tmp_path / "m"), n_layer=1, n_embd=32, n_head=2, vocab_size=4000, max_len=256)
+    path = policy.make_tiny_model(str(tmp_path / "m"), n_layer=1, n_embd=32, n_head=2,
+                                  vocab_size=4000, max_len=256)
     model, _ = policy.load_policy(path)
     ids = torch.randint(3, 4000, (4, 201))
     attn = torch.ones_like(ids)
@@ -54,7 +55,8 @@ def test_chunked_logprobs_hold_one_chunk_of_logits(tmp_path, monkeypatch):
     whole, chunk = 800 * 4000 * 4, 50 * 4000 * 4
     peaks = {}
     for name, fn in [("plain", lambda: plain_logprobs(model, ids, attn, 1.0, 200)[0]),
-                     ("chunked", lambda: policy.token_logprobs(model, ids, attn, n_last=200, with_entropy=True)[0])]:
+                     ("chunked", lambda: policy.token_logprobs(model, ids, attn, n_last=200,
+                                                               with_entropy=True)[0])]:
         with memory.LiveBytes(vocab=4000) as tracker:
             fn().sum().backward()
         peaks[name] = max(parts.get("logits", 0) for _, parts, _ in tracker.peaks.values())
@@ -64,7 +66,8 @@ def test_chunked_logprobs_hold_one_chunk_of_logits(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["float32, generate", "amp, compiled sampler, KL"])
-def test_the_replay_of_a_step_agrees_with_the_real_loop_phase_by_phase(tmp_path, monkeypatch, precision):
+def test_the_replay_of_a_step_agrees_with_the_real_loop_phase_by_phase(tmp_path, monkeypatch,
+                                                                        precision):
     """The loop itself (train.main, 2 steps: warm-up, then an amft step with its meta-gradient)
     counted by the tracker on real tensors, each phase apart, against memory.step_memory at the
     same sizes under FakeTensorMode: in float32 with generate (the CPU recipe), and with amp, the
@@ -72,30 +75,41 @@ def test_the_replay_of_a_step_agrees_with_the_real_loop_phase_by_phase(tmp_path,
     reference. The replay runs every rollout to full length, so it may count a little more."""
     shape = dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
                  intermediate_size=256, vocab_size=20000, tie_word_embeddings=True)
-    path = policy.make_tiny_model(str(tmp_path / "m"), n_layer=1, n_embd=64, n_head=2, vocab_size=20000, max_len=512)
-    kw = dict(recipe="pretrained", steps=2, warmup=1, batch_size=2, group_size=2, max_new_tokens=32, micro_batch=4,
-              meta_every=1, meta_grad="autograd", val_prompts=2, skip_test=True, device="cpu", save_every=0)
+    path = policy.make_tiny_model(str(tmp_path / "m"), n_layer=1, n_embd=64, n_head=2,
+                                  vocab_size=20000, max_len=512)
+    kw = dict(recipe="pretrained", steps=2, warmup=1, batch_size=2, group_size=2,
+              max_new_tokens=32, micro_batch=4, meta_every=1, meta_grad="autograd",
+              val_prompts=2, skip_test=True, device="cpu", save_every=0)
     if precision != "float32, generate":
         kw.update(amp=True, sampler="compiled", beta=0.1)
-        monkeypatch.setattr(policy, "compiled_forward", lambda: policy._forward)  # the same decode loop, not compiled
-    import data  # a reward of 1 for an odd number of characters: groups differ, so the meta-gradient is not silent
-    monkeypatch.setattr(data, "reward", lambda row, text, verifier="builtin": float(len(text) % 2))
+        # the same decode loop, not compiled
+        monkeypatch.setattr(policy, "compiled_forward", lambda: policy._forward)
+    # a reward of 1 for an odd number of characters: groups differ, so the meta-gradient is not
+    # silent
+    import data
+    monkeypatch.setattr(data, "reward",
+                        lambda row, text, verifier="builtin": float(len(text) % 2))
     tracker = memory.LiveBytes(vocab=20000)
-    phases = {"rl_backward": "RL backward", "sft_backward": "SFT backward", "meta_gradient": "meta-gradient"}
-    for name, phase in phases.items():  # each phase of the real loop counted apart, as the replay counts it
+    phases = {"rl_backward": "RL backward", "sft_backward": "SFT backward",
+              "meta_gradient": "meta-gradient"}
+    # each phase of the real loop counted apart, as the replay counts it
+    for name, phase in phases.items():
         def counted(*args, _f=getattr(train, name), _phase=phase, **kw_):
-            with tracker.during(_phase, grads={"RL backward": "g_RL", "SFT backward": "g_SFT"}.get(_phase, "grad U")):
+            with tracker.during(_phase, grads={"RL backward": "g_RL",
+                                               "SFT backward": "g_SFT"}.get(_phase, "grad U")):
                 return _f(*args, **kw_)
         monkeypatch.setattr(train, name, counted)
     with tracker:
         train.main(train.Config(model=path, out=str(tmp_path / "run"), **kw))
     cfg = train.Config(model=path, **kw)
     train.resolve(cfg, cuda=False)
-    replay = memory.step_memory(shape, cfg, prompt_tokens=277 + 63 * cfg.amp, demo_tokens=78)  # the plain prompt's
-    for phase in phases.values():  # characters at most (padded to a multiple of 64 by the compiled sampler)
+    # the plain prompt's characters at most (padded to a multiple of 64 by the compiled sampler)
+    replay = memory.step_memory(shape, cfg, prompt_tokens=277 + 63 * cfg.amp, demo_tokens=78)
+    for phase in phases.values():
         real, replayed = tracker.peaks[phase][0], replay.peaks[phase][0]
         assert 0.95 * real <= replayed <= 1.1 * real, (phase, real, replayed)
     held = replay.peaks["meta-gradient"][1]  # both gradients, whole, through the meta phase
     assert held["g_SFT"] == held["g_RL"] == held["weights"] > 20000 * 64 * 4
     if cfg.amp:
-        assert replay.peaks["RL backward"][1]["bf16 copy"] > 0 and replay.peaks["RL backward"][1]["KL reference"] > 0
+        assert (replay.peaks["RL backward"][1]["bf16 copy"] > 0
+                and replay.peaks["RL backward"][1]["KL reference"] > 0)

@@ -8,7 +8,8 @@ Train a causal LM with AMFT (or a baseline) and evaluate it. One linear loop, no
     python train.py --resume runs/amft-...   # continue a stopped run exactly
     python train.py --eval-only --model runs/amft-.../model --pass-k 8
     python train.py --help                   # every flag, generated from settings.Config
-    torchrun --nproc_per_node 4 train.py --model Qwen2.5-1.5B   # 4 processes share each step (parallel.py)
+    # 4 processes share each step (parallel.py)
+    torchrun --nproc_per_node 4 train.py --model Qwen2.5-1.5B
 
 Each step, in the loop's order (after an SFT-only warm-up of --warmup steps):
     sample G completions per prompt -> reward -> group advantages -> g_RL = grad L_RL
@@ -43,10 +44,12 @@ import parallel
 import plots
 import pretrain
 import rewards
-from settings import RECIPES, Config, UsageError, check, parse_args, resolve  # noqa: F401 (train.Config etc.)
+# (train.Config etc.)
+from settings import RECIPES, Config, UsageError, check, parse_args, resolve  # noqa: F401
 
 
-METRICS = ("entropy", "reward_mean", "reward_std", "sft_loss", "rl_loss", "frac_zero_std",  # None where not computed
+# None where not computed
+METRICS = ("entropy", "reward_mean", "reward_std", "sft_loss", "rl_loss", "frac_zero_std",
            "seconds_rollout", "seconds_rl", "seconds_sft", "seconds_meta")
 
 
@@ -63,14 +66,16 @@ def slices(n: int, size: int):
 
 def score(texts, rows, G, verifier):
     """Rewards (B, G) of B*G completions, prompt-major."""
-    return torch.tensor([data.reward(rows[i // G], t, verifier) for i, t in enumerate(texts)]).view(len(rows), G)
+    return torch.tensor([data.reward(rows[i // G], t, verifier)
+                         for i, t in enumerate(texts)]).view(len(rows), G)
 
 
 def rollouts(model, tok, rows, cfg, eos):
     """G samples per row from the policy, and their rewards (B, G)."""
     model.eval()
-    roll = policy.sample(model, tok, [r["prompt"] for r in rows], G=cfg.group_size, temperature=cfg.temperature,
-                         max_new_tokens=cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
+    roll = policy.sample(model, tok, [r["prompt"] for r in rows], G=cfg.group_size,
+                         temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, eos=eos,
+                         sampler=cfg.sampler)
     model.train()
     return roll, score(roll.texts, rows, cfg.group_size, cfg.verifier)
 
@@ -81,19 +86,22 @@ def evaluate(model, tok, rows, cfg, eos, k=0) -> dict:
     of rows whose greedy completion (any of k samples) earns reward 1."""
     model.eval()
     hits, hits_k = 0.0, 0.0
-    mine = parallel.strided(rows)  # with several processes each scores its rows, and the hits add up
-    for i in range(0, -(-len(rows) // parallel.world()), cfg.eval_batch):  # as many calls on every process (FSDP needs it)
+    # with several processes each scores its rows, and the hits add up
+    mine = parallel.strided(rows)
+    # as many calls on every process (FSDP needs it)
+    for i in range(0, -(-len(rows) // parallel.world()), cfg.eval_batch):
         chunk = mine[i:i + cfg.eval_batch]
         n = len(chunk)  # a process with fewer rows scores a stand-in row and counts none of it
         chunk = chunk or rows[:1]
         prompts = [r["prompt"] for r in chunk]
-        greedy = policy.sample(model, tok, prompts, G=1, max_new_tokens=cfg.max_new_tokens, greedy=True,
-                               eos=eos, sampler=cfg.sampler)
+        greedy = policy.sample(model, tok, prompts, G=1, max_new_tokens=cfg.max_new_tokens,
+                               greedy=True, eos=eos, sampler=cfg.sampler)
         hits += score(greedy.texts, chunk, 1, cfg.verifier)[:n].sum().item()
         if k:
             drawn = policy.sample(model, tok, prompts, G=k, temperature=cfg.temperature,
                                   max_new_tokens=cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
-            hits_k += (score(drawn.texts, chunk, k, cfg.verifier)[:n].max(1).values == 1).sum().item()
+            hits_k += (score(drawn.texts, chunk, k,
+                             cfg.verifier)[:n].max(1).values == 1).sum().item()
     model.train()
     hits, hits_k = parallel.total(hits), parallel.total(hits_k)
     n = max(len(rows), 1)
@@ -112,13 +120,18 @@ def held_out_accuracy(model, tok, splits, cfg, eos, k=0) -> dict:
             continue
         pass_k = k if name == "id" else 0
         if all("cards" in r for r in rows):
-            parts = {"faces": [r for r in rows if data.has_face(r)], "no_faces": [r for r in rows if not data.has_face(r)]}
+            parts = {"faces": [r for r in rows if data.has_face(r)],
+                     "no_faces": [r for r in rows if not data.has_face(r)]}
         else:
             parts = {"all": rows}
-        scores = {part: evaluate(model, tok, part_rows, cfg, eos, pass_k) for part, part_rows in parts.items() if part_rows}
-        for key in ("accuracy", *([f"pass@{pass_k}"] if pass_k else [])):  # the parts, weighted by their rows, give the whole
-            result[f"{name}_accuracy" if key == "accuracy" else key] = sum(s[key] * len(parts[p]) for p, s in scores.items()) / len(rows)
-        result.update({f"{name}_accuracy_{p}": scores[p]["accuracy"] if p in scores else None for p in parts if p != "all"})
+        scores = {part: evaluate(model, tok, part_rows, cfg, eos, pass_k)
+                  for part, part_rows in parts.items() if part_rows}
+        # the parts, weighted by their rows, give the whole
+        for key in ("accuracy", *([f"pass@{pass_k}"] if pass_k else [])):
+            result[f"{name}_accuracy" if key == "accuracy" else key] = (
+                sum(s[key] * len(parts[p]) for p, s in scores.items()) / len(rows))
+        result.update({f"{name}_accuracy_{p}": scores[p]["accuracy"] if p in scores else None
+                       for p in parts if p != "all"})
     return result
 
 
@@ -148,26 +161,33 @@ def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo
     """Accumulate grad L_RL over micro-batches. Returns {loss, entropy (the rollouts' mean token
     entropy, free from the same logits), clip_frac, kl}. With demos (srft, luffy) the
     demonstrations (A_demo not None) are off-policy members of their groups, inside the same
-    token-level mean. A and A_demo may come from the rewards on the CPU: they move to the model's device."""
+    token-level mean. A and A_demo may come from the rewards on the CPU: they move to the
+    model's device."""
     ids, attn, mask, C = roll.ids, roll.attn, roll.mask, roll.mask.shape[1]
     A, A_demo = A.to(ids.device), None if A_demo is None else A_demo.to(ids.device)
-    n_tokens = parallel.total(mask.sum())  # the token counts of every process: each loss is its share
+    # the token counts of every process: each loss is its share
+    n_tokens = parallel.total(mask.sum())
     demos = demos if A_demo is not None else None
     denom = n_tokens + (parallel.total(demos.mask.sum()) if demos is not None else 0)
 
     def rollout_loss(sl):
-        logp, entropy = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=C, with_entropy=True)
+        logp, entropy = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=C,
+                                              with_entropy=True)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad():
-                ref_logp = policy.token_logprobs(ref_model, ids[sl], attn[sl], cfg.temperature, n_last=C)
-        loss, metrics = amft.grpo_loss(logp, logp.detach(), A[sl], mask[sl], eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                       beta=cfg.beta, ref_logp=ref_logp, denom=denom, n_tokens=n_tokens)
+                ref_logp = policy.token_logprobs(ref_model, ids[sl], attn[sl], cfg.temperature,
+                                                 n_last=C)
+        loss, metrics = amft.grpo_loss(logp, logp.detach(), A[sl], mask[sl], eps_low=cfg.eps_low,
+                                       eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref_logp,
+                                       denom=denom, n_tokens=n_tokens)
         return loss, dict(metrics, entropy=(entropy * mask[sl]).sum() / n_tokens)
 
     def demo_loss(sl):
-        logp = policy.token_logprobs(model, demos.ids[sl], demos.attn[sl], cfg.temperature, n_last=demos.mask.shape[1])
-        return amft.off_policy_loss(logp, A_demo[sl], demos.mask[sl], shaping=shaped, denom=denom), {}
+        logp = policy.token_logprobs(model, demos.ids[sl], demos.attn[sl], cfg.temperature,
+                                     n_last=demos.mask.shape[1])
+        return amft.off_policy_loss(logp, A_demo[sl], demos.mask[sl], shaping=shaped,
+                                    denom=denom), {}
 
     out = amft.accumulate(rollout_loss, slices(len(ids), cfg.micro_batch))
     if demos is not None:
@@ -178,13 +198,16 @@ def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo
 def meta_gradient(model, tok, rows, *, params, g_rl, g_sft, mu, alpha, cfg, eos):
     """dU/dmu on fresh validation rollouts from pi_theta (dU_dmu). Returns dU/dmu (None when it
     is silent: every validation group's rewards are equal) and the validation reward."""
-    roll, r = rollouts(model, tok, parallel.strided(rows), cfg, eos)            # this process's validation prompts
-    A = amft.group_advantages(r)[0].flatten()                                  # (B_val * G,)
+    # this process's validation prompts
+    roll, r = rollouts(model, tok, parallel.strided(rows), cfg, eos)
+    A = amft.group_advantages(r)[0].flatten()  # (B_val * G,)
     N = parallel.total(len(roll.texts))
     reward = parallel.total(r.sum().item()) / N
-    if parallel.total(float(A.abs().sum() > 0)) == 0:  # every group's rewards equal: dU/dmu = 0 exactly, no signal
+    # every group's rewards equal: dU/dmu = 0 exactly, no signal
+    if parallel.total(float(A.abs().sum() > 0)) == 0:
         return None, reward
-    return dU_dmu(model, roll, A, N, params=params, g_rl=g_rl, g_sft=g_sft, mu=mu, alpha=alpha, cfg=cfg), reward
+    return dU_dmu(model, roll, A, N, params=params, g_rl=g_rl, g_sft=g_sft, mu=mu, alpha=alpha,
+                  cfg=cfg), reward
 
 
 def dU_dmu(model, roll, A, N, *, params, g_rl, g_sft, mu, alpha, cfg):
@@ -193,11 +216,14 @@ def dU_dmu(model, roll, A, N, *, params, g_rl, g_sft, mu, alpha, cfg):
     ids, attn, mask = roll.ids, roll.attn, roll.mask
 
     def U(sl):  # this micro-batch's share of the policy-gradient surrogate of validation reward
-        logp = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature, n_last=mask.shape[1])
+        logp = policy.token_logprobs(model, ids[sl], attn[sl], cfg.temperature,
+                                     n_last=mask.shape[1])
         return amft.policy_gradient_surrogate(logp, A[sl].to(logp), mask[sl], n=N)
     estimator = amft.META_GRADS[cfg.meta_grad]
-    dU = estimator(U, params=params, g_rl=g_rl, g_sft=g_sft, mu=mu, alpha=alpha, chunks=slices(len(ids), cfg.micro_batch))
-    return parallel.reduced_by_fsdp(parallel.total(dU))  # U's shares add up, and so do their derivatives
+    dU = estimator(U, params=params, g_rl=g_rl, g_sft=g_sft, mu=mu, alpha=alpha,
+                   chunks=slices(len(ids), cfg.micro_batch))
+    # U's shares add up, and so do their derivatives
+    return parallel.reduced_by_fsdp(parallel.total(dU))
 
 
 def next_rows(train_rows, state, rng, B, tok, chat):
@@ -211,7 +237,8 @@ def next_rows(train_rows, state, rng, B, tok, chat):
 
 def demo_rewards(rows, method, verifier):
     """srft and luffy put each demonstration in its GRPO group: its reward (B,), else None."""
-    return torch.tensor([data.reward(row, row["demo"], verifier) for row in rows]) if method.demo_in_group else None
+    return (torch.tensor([data.reward(row, row["demo"], verifier) for row in rows])
+            if method.demo_in_group else None)
 
 
 def reference(model, ref_model, beta):
@@ -236,9 +263,11 @@ def count_bad_steps(state, skipped: bool, limit: int):
                             f"(try a lower --lr or --dtype float32)")
 
 
-PHASES = {"rollouts": "sampling rollouts", "rl_backward": "the RL backward", "sft_backward": "the SFT backward",
-          "meta_gradient": "the meta-gradient", "evaluate": "evaluation", "step": "the optimizer step",
-          "load_policy": "loading the model"}  # function -> what the loop was doing, for out_of_memory
+# function -> what the loop was doing, for out_of_memory
+PHASES = {"rollouts": "sampling rollouts", "rl_backward": "the RL backward",
+          "sft_backward": "the SFT backward", "meta_gradient": "the meta-gradient",
+          "evaluate": "evaluation", "step": "the optimizer step",
+          "load_policy": "loading the model"}
 
 
 def out_of_memory(e: BaseException) -> str:
@@ -250,10 +279,12 @@ def out_of_memory(e: BaseException) -> str:
         tb = tb.tb_next
     peak = total = float("nan")
     if torch.cuda.is_available():
-        peak, total = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30
-    return (f"out of GPU memory during {where} (peak {peak:.1f} of {total:.1f} GiB allocated); the last checkpoint is "
-            "intact. Try a smaller --micro-batch or --max-new-tokens, --lora-r 16, or --grad-ckpt (python bench.py "
-            "--memory shows what each model size needs)")
+        peak, total = (torch.cuda.max_memory_allocated() / 2**30,
+                       torch.cuda.get_device_properties(0).total_memory / 2**30)
+    return (f"out of GPU memory during {where} (peak {peak:.1f} of {total:.1f} GiB allocated); "
+            "the last checkpoint is intact. Try a smaller --micro-batch or --max-new-tokens, "
+            "--lora-r 16, or --grad-ckpt (python bench.py --memory shows what each model size "
+            "needs)")
 
 
 # ---------------------------------------------------------------------------- the run
@@ -271,83 +302,106 @@ class Run:
     device: str
     out: str
     scored: dict         # which test split the summary scores
-    streams: tuple       # (data_rng, val_rng, val_stream): training order, validation prompts, their rollouts
+    # (data_rng, val_rng, val_stream): training order, validation prompts, their rollouts
+    streams: tuple
     t_start: float
 
 
 def setup(cfg: Config) -> Run:
     """Check the settings, load the model and the task, create the output folder: a Run."""
     t_start = time.time()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = (("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+              else cfg.device)
     device = parallel.device_of_rank(device)  # under torchrun: 'cuda' -> this process's GPU
-    gc.collect()  # an earlier run in this process (bench.py, compare.py) leaves its model in reference cycles
+    # an earlier run in this process (bench.py, compare.py) leaves its model in reference cycles
+    gc.collect()
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # this run's peak, also when a process makes several
     recipe = resolve(cfg, cuda=device.startswith("cuda"))
     check(cfg)
     try:
-        cfg.verifier = rewards.resolve_verifier(cfg.verifier)  # config.json and summary.json say which
+        # config.json and summary.json say which
+        cfg.verifier = rewards.resolve_verifier(cfg.verifier)
     except ValueError as e:
         raise UsageError(str(e)) from None
     method = amft.METHODS[cfg.method]
     torch.manual_seed(cfg.seed)                     # training rollouts: torch's generator
     data_rng = random.Random(f"data-{cfg.seed}")    # training order and card orders
     val_rng = random.Random(f"val-{cfg.seed}")      # validation prompts of the meta-gradient
-    val_stream = {"seed": parallel.own_seed(cfg.seed + 1_000_003)}  # ... and their rollouts (torch_stream)
+    # ... and their rollouts (torch_stream)
+    val_stream = {"seed": parallel.own_seed(cfg.seed + 1_000_003)}
     try:
         name = os.path.join(cfg.resume, "checkpoint") if cfg.resume else cfg.model
         ours = cfg.model == "tiny-base" or cfg.resume  # a model we wrote: no "Loading weights" bar
         if name == "tiny-base":  # built on first use, then loaded from the cache like any folder
             name = pretrain.base_path()
         with policy.no_progress_bars() if ours else contextlib.nullcontext():
-            model, tok = policy.load_policy(name, dtype=getattr(torch, cfg.dtype), device=device, lora_r=cfg.lora_r,
-                                            grad_ckpt=cfg.grad_ckpt, seed=cfg.seed, amp=cfg.amp)
-        splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt, demo=cfg.demo)
+            model, tok = policy.load_policy(name, dtype=getattr(torch, cfg.dtype), device=device,
+                                            lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt,
+                                            seed=cfg.seed, amp=cfg.amp)
+        splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt,
+                                demo=cfg.demo)
     except ValueError as e:
         raise UsageError(str(e)) from None
     parallel.join(device)  # under torchrun: the process group, from here on
     if parallel.world() > 1:
-        parallel.broadcast_(model.parameters())  # rank 0's weights everywhere (they are equal already), as DDP starts
-        torch.manual_seed(parallel.own_seed(cfg.seed))  # each process samples completions of its own
+        # rank 0's weights everywhere (they are equal already), as DDP starts
+        parallel.broadcast_(model.parameters())
+        # each process samples completions of its own
+        torch.manual_seed(parallel.own_seed(cfg.seed))
         if cfg.fsdp:
             parallel.shard(model)
     if not cfg.eval_only:  # SFT batches hold whole demonstrations: the long ones go at the door
-        count = lambda texts: [len(ids) + 1 for ids in tok(texts, add_special_tokens=False).input_ids]  # + the end token
+        count = lambda texts: [len(ids) + 1  # + the end token
+                               for ids in tok(texts, add_special_tokens=False).input_ids]
         splits["train"], dropped = data.drop_long_demos(splits["train"], count, cfg.max_demo_tokens)
         if dropped:
-            print(f"--max-demo-tokens {cfg.max_demo_tokens}: dropped {len(dropped)} training rows whose demonstration is "
-                  f"longer (rows {', '.join(map(str, dropped[:10]))}{' ...' if len(dropped) > 10 else ''} of the training split)")
-    sizes = f"{len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test rows"
-    if cfg.fsdp and min(cfg.val_prompts, len(splits["val"]) or 1) % parallel.world():  # FSDP: the same forwards on every process
-        raise UsageError(f"--val-prompts must be a multiple of the {parallel.world()} processes under --fsdp")
+            print(f"--max-demo-tokens {cfg.max_demo_tokens}: dropped {len(dropped)} training rows "
+                  f"whose demonstration is longer (rows {', '.join(map(str, dropped[:10]))}"
+                  f"{' ...' if len(dropped) > 10 else ''} of the training split)")
+    sizes = (f"{len(splits['train'])} train / {len(splits['val'])} val / "
+             f"{len(splits['test'])} test rows")
+    # FSDP: the same forwards on every process
+    if cfg.fsdp and min(cfg.val_prompts, len(splits["val"]) or 1) % parallel.world():
+        raise UsageError(f"--val-prompts must be a multiple of the {parallel.world()} processes "
+                         "under --fsdp")
     if not splits["test"] or (not cfg.eval_only and len(splits["train"]) < cfg.batch_size):
-        raise UsageError(f"--task {cfg.task}: {sizes}, too few for --batch-size {cfg.batch_size} and a test split; "
-                         "use more rows or a smaller --batch-size")
+        raise UsageError(f"--task {cfg.task}: {sizes}, too few for --batch-size {cfg.batch_size} "
+                         "and a test split; use more rows or a smaller --batch-size")
     if not cfg.max_new_tokens:
         cfg.max_new_tokens = RECIPES[recipe]["gp_new_tokens"] if "test_ood" in splits else 512
-    shown = [*RECIPES[recipe], "max_new_tokens", *(["verifier"] if "test_ood" not in splits else [])]  # math: which verifier
-    print(f"recipe: {recipe} (" + ", ".join(f"{k}={getattr(cfg, k)}" for k in shown if k != "gp_new_tokens") + ")")
+    shown = [*RECIPES[recipe], "max_new_tokens",
+             *(["verifier"] if "test_ood" not in splits else [])]  # math: which verifier
+    print(f"recipe: {recipe} (" + ", ".join(f"{k}={getattr(cfg, k)}" for k in shown
+                                            if k != "gp_new_tokens") + ")")
     chat = policy.use_chat(tok, cfg.model, cfg.chat)
-    cfg.chat = "on" if chat else "off"  # config.json keeps the decision: a run's model/ folder has not the model's name
+    # config.json keeps the decision: a run's model/ folder has not the model's name
+    cfg.chat = "on" if chat else "off"
     eos, end = policy.eos_ids(tok, model, chat), policy.end_id(tok, chat)
-    splits["val"] = splits["val"] or [dict(r) for r in splits["train"]]  # a small hand file may leave none
+    # a small hand file may leave none
+    splits["val"] = splits["val"] or [dict(r) for r in splits["train"]]
     for split, rows in splits.items():  # training rows are formatted as they are drawn (reshuffled)
         for r in rows if split != "train" else []:
             r["prompt"] = policy.format_prompt(tok, r["prompt"], chat)
-    scored = dict(seed=cfg.seed, verifier=cfg.verifier, test_prompts=len(splits["test"]),  # which test split the summary scores
-                  test_prompts_crc32=zlib.crc32("\n".join(r["prompt"] for r in splits["test"]).encode()))
+    # which test split the summary scores
+    scored = dict(seed=cfg.seed, verifier=cfg.verifier, test_prompts=len(splits["test"]),
+                  test_prompts_crc32=zlib.crc32("\n".join(r["prompt"]
+                                                          for r in splits["test"]).encode()))
     # only now, with every input checked (by every process), do we create the output folder
-    out = cfg.resume or cfg.out or os.path.join("runs", f"{'eval' if cfg.eval_only else cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = cfg.resume or cfg.out or os.path.join(
+        "runs", f"{'eval' if cfg.eval_only else cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = parallel.gather_objects(out)[0]  # rank 0's name; only rank 0 writes
     if parallel.is_main():
         os.makedirs(out, exist_ok=True)
 
-    return Run(cfg, method, model, tok, splits, chat, eos, end, device, out, scored, (data_rng, val_rng, val_stream), t_start)
+    return Run(cfg, method, model, tok, splits, chat, eos, end, device, out, scored,
+               (data_rng, val_rng, val_stream), t_start)
 
 
 def main(cfg: Config):
-    """Set a run up, then train and score it (or only score it, --eval-only). Returns the summary."""
+    """Set a run up, then train and score it (or only score it, --eval-only). Returns the
+    summary."""
     run = setup(cfg)
     return evaluate_only(run) if cfg.eval_only else train_and_score(run)
 
@@ -356,7 +410,8 @@ def evaluate_only(run: Run) -> dict:
     cfg = run.cfg
     summary = dict(method="eval-only", model=cfg.model, task=cfg.task, steps=0,
                    **held_out_accuracy(run.model, run.tok, run.splits, cfg, run.eos, cfg.pass_k),
-                   **run.scored, wall_seconds=round(time.time() - run.t_start, 1), device=run.device)
+                   **run.scored, wall_seconds=round(time.time() - run.t_start, 1),
+                   device=run.device)
     if parallel.is_main():
         checkpoint.atomic_json(summary, os.path.join(run.out, "summary.json"))
     print(checkpoint.to_json(summary))
@@ -372,12 +427,13 @@ class Trainer:
         self.params = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
         self.opt = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=True)  # fused: no temporaries
-        self.controller = amft.MuController(run.method, mu0=cfg.mu0, mu_min=cfg.mu_min, mu_max=cfg.mu_max,
-                                            eta_meta=cfg.eta_meta, eta_H=cfg.eta_H, meta_every=cfg.meta_every,
+        self.controller = amft.MuController(run.method, mu0=cfg.mu0, mu_min=cfg.mu_min,
+                                            mu_max=cfg.mu_max, eta_meta=cfg.eta_meta,
+                                            eta_H=cfg.eta_H, meta_every=cfg.meta_every,
                                             H_target=cfg.H_target, H_target_ema=cfg.H_target_ema)
         self.ref_model = None
-        self.state = {"step": 0, "bad_in_row": 0, "skipped": 0, "samples_seen": 0, "order": [], "before": None,
-                      "wall_seconds": 0.0}
+        self.state = {"step": 0, "bad_in_row": 0, "skipped": 0, "samples_seen": 0, "order": [],
+                      "before": None, "wall_seconds": 0.0}
         if cfg.resume:
             self.resume()
         self.earlier = self.state.get("wall_seconds", 0.0)  # the run's time before a resume
@@ -385,15 +441,17 @@ class Trainer:
     def resume(self):
         run, out = self.run, self.run.out
         try:
-            self.state, self.ref_model = checkpoint.load_checkpoint(os.path.join(out, "checkpoint"), run.model,
-                                                                    self.opt)
+            self.state, self.ref_model = checkpoint.load_checkpoint(
+                os.path.join(out, "checkpoint"), run.model, self.opt)
         except ValueError as e:  # a damaged or unsafe file, in one line
             raise UsageError(str(e)) from None
         try:
             self.controller.load_state_dict(self.state["controller"])
-            checkpoint.restore_streams(self.state, *run.streams, parallel.rank(), parallel.world(), run.cfg.seed)
+            checkpoint.restore_streams(self.state, *run.streams, parallel.rank(), parallel.world(),
+                                       run.cfg.seed)
         except Exception as e:  # it loaded, but is not a checkpoint of this trainer
-            raise UsageError(f"{out}/checkpoint/trainer_state.pt is damaged ({checkpoint.first_line(e)})") from None
+            raise UsageError(f"{out}/checkpoint/trainer_state.pt is damaged "
+                             f"({checkpoint.first_line(e)})") from None
         if os.path.isfile(os.path.join(out, "metrics.jsonl")) and parallel.is_main():
             checkpoint.keep_metrics_before(os.path.join(out, "metrics.jsonl"), self.state["step"])
 
@@ -405,18 +463,19 @@ class Trainer:
                      rng_ranks=parallel.gather_objects(streams) if parallel.world() > 1 else None)
         full = parallel.full_state(run.model, self.opt)  # under FSDP: gathered from every process
         if parallel.is_main():
-            checkpoint.save_checkpoint(os.path.join(run.out, "checkpoint"), run.model, run.tok, self.opt, state,
-                                       self.ref_model, full)
+            checkpoint.save_checkpoint(os.path.join(run.out, "checkpoint"), run.model, run.tok,
+                                       self.opt, state, self.ref_model, full)
 
     # ------------------------------------------------------------------------ the parts of a step
     def next_batch(self, now):
         """The global batch of rows (the same on every process), and this process's share of its
         demonstrations when the step needs them."""
         run = self.run
-        rows = next_rows(run.splits["train"], self.state, run.streams[0], run.cfg.batch_size, run.tok, run.chat)
+        rows = next_rows(run.splits["train"], self.state, run.streams[0], run.cfg.batch_size,
+                         run.tok, run.chat)
         mine = parallel.share(rows)
-        demos = policy.sft_batch(run.tok, [r["prompt"] for r in mine], [r["demo"] for r in mine], run.end,
-                                 run.device) if now.demos else None
+        demos = policy.sft_batch(run.tok, [r["prompt"] for r in mine], [r["demo"] for r in mine],
+                                 run.end, run.device) if now.demos else None
         return rows, demos
 
     def rl_gradient(self, rows, demos, m, lap):
@@ -424,16 +483,18 @@ class Trainer:
         the rollouts' mean token entropy H)."""
         run, cfg = self.run, self.run.cfg
         roll, r = rollouts(run.model, run.tok, parallel.share(rows), cfg, run.eos)
-        r = parallel.gather(r)                                                  # r: (B, G), every process's
+        r = parallel.gather(r)                               # r: (B, G), every process's
         m["seconds_rollout"] = lap()
-        A, A_demo, m["frac_zero_std"] = amft.advantages(r, demo_rewards(rows, run.method, cfg.verifier))
-        A = parallel.share(A.view(len(rows), -1)).flatten()                     # (B*G,) -> this process's
-        A_demo = A_demo if A_demo is None else parallel.share(A_demo)           # (B,)
+        A, A_demo, m["frac_zero_std"] = amft.advantages(r, demo_rewards(rows, run.method,
+                                                                        cfg.verifier))
+        A = parallel.share(A.view(len(rows), -1)).flatten()  # (B*G,) -> this process's
+        A_demo = A_demo if A_demo is None else parallel.share(A_demo)  # (B,)
         self.ref_model = reference(run.model, self.ref_model, cfg.beta)
-        rl = rl_backward(run.model, self.ref_model, roll, A=A, cfg=cfg, shaped=run.method.shaped, demos=demos,
-                         A_demo=A_demo)
+        rl = rl_backward(run.model, self.ref_model, roll, A=A, cfg=cfg, shaped=run.method.shaped,
+                         demos=demos, A_demo=A_demo)
         g_rl, H = parallel.sum_grads_(take_grads(self.params)), rl.pop("entropy")
-        m.update(rl_loss=rl.pop("loss"), entropy=H, reward_mean=r.mean().item(), reward_std=r.std().item(),
+        m.update(rl_loss=rl.pop("loss"), entropy=H,
+                 reward_mean=r.mean().item(), reward_std=r.std().item(),
                  completion_len=parallel.total(roll.mask.sum().item()) / r.numel(), **rl)
         m["seconds_rl"] = lap()
         return g_rl, H
@@ -452,16 +513,17 @@ class Trainer:
             _, val_rng, val_stream = run.streams
             val = val_rng.sample(run.splits["val"], min(cfg.val_prompts, len(run.splits["val"])))
             with checkpoint.torch_stream(val_stream):
-                dU, m["val_reward"] = meta_gradient(run.model, run.tok, val, params=self.params, g_rl=g_rl,
-                                                    g_sft=g_sft, mu=controller.mu, alpha=cfg.meta_alpha or cfg.lr,
-                                                    cfg=cfg, eos=run.eos)
+                dU, m["val_reward"] = meta_gradient(
+                    run.model, run.tok, val, params=self.params, g_rl=g_rl, g_sft=g_sft,
+                    mu=controller.mu, alpha=cfg.meta_alpha or cfg.lr, cfg=cfg, eos=run.eos)
             m["seconds_meta"] = lap()
         m.update(controller.update(H, dU, finite, silent=due and dU is None))
 
     def optimizer_step(self, now, H, g_rl, g_sft, finite, m):
         """AdamW on w_RL g_RL + w_SFT g_SFT, mixed in place into p.grad. The gradient dicts are
         handed over and emptied, so the second buffer is freed before the step."""
-        m["w_rl"], m["w_sft"] = amft.loss_weights(self.run.method, self.controller.mu, H or 0.0, now.warm)
+        m["w_rl"], m["w_sft"] = amft.loss_weights(self.run.method, self.controller.mu, H or 0.0,
+                                                  now.warm)
         m["grad_norm"] = set_grads(self.params, amft.mix_grads_(g_rl, g_sft, m["w_rl"], m["w_sft"]),
                                    self.run.cfg.grad_clip)
         g_rl.clear()
@@ -474,45 +536,56 @@ class Trainer:
     def end_of_step(self, step, now, m, lap, log, pbar, stop):
         """The processes still agree, count a skipped step, log, evaluate, checkpoint, Ctrl-C."""
         run, cfg, state = self.run, self.run.cfg, self.state
-        weights = [] if parallel.sharded() else [parallel.fingerprint(self.params.values())]  # FSDP: own slices
+        # FSDP: own slices
+        weights = [] if parallel.sharded() else [parallel.fingerprint(self.params.values())]
         check = [self.controller.mu, self.controller.H_target or 0.0, *weights]
         if parallel.world() > 1 and not parallel.in_sync(check):
-            raise TrainingError(f"the processes' weights or mu differ after step {step}; please report this")
+            raise TrainingError(f"the processes' weights or mu differ after step {step}; "
+                                "please report this")
         count_bad_steps(state, m["skipped"], cfg.max_bad_steps)
-        n_samples = cfg.batch_size * (now.demos + cfg.group_size * now.rl)  # demonstrations + rollouts
+        # demonstrations + rollouts
+        n_samples = cfg.batch_size * (now.demos + cfg.group_size * now.rl)
         state.update(step=step + 1, samples_seen=state["samples_seen"] + n_samples)
         seconds = lap.total()
-        m.update(seconds_step=round(seconds, 4), samples_per_s=n_samples / seconds, samples_seen=state["samples_seen"])
-        if state["step"] % cfg.eval_every == 0 or (state["step"] == cfg.steps and not cfg.skip_test):
-            m["val_accuracy"] = evaluate(run.model, run.tok, run.splits["val"], cfg, run.eos)["accuracy"]
+        m.update(seconds_step=round(seconds, 4), samples_per_s=n_samples / seconds,
+                 samples_seen=state["samples_seen"])
+        if state["step"] % cfg.eval_every == 0 or (state["step"] == cfg.steps
+                                                   and not cfg.skip_test):
+            m["val_accuracy"] = evaluate(run.model, run.tok, run.splits["val"], cfg,
+                                         run.eos)["accuracy"]
         if log:
             log.write(checkpoint.to_json(m) + "\n")
             log.flush()
-        pbar.set_postfix({k: f"{m[k]:.3f}" for k in ("mu", "reward_mean", "entropy", "sft_loss") if m[k] is not None})
-        stopping = parallel.any_rank(bool(stop))  # one process's Ctrl-C stops them all at the same step
+        pbar.set_postfix({k: f"{m[k]:.3f}" for k in ("mu", "reward_mean", "entropy", "sft_loss")
+                          if m[k] is not None})
+        # one process's Ctrl-C stops them all at the same step
+        stopping = parallel.any_rank(bool(stop))
         if stopping or (cfg.save_every and state["step"] % cfg.save_every == 0):
             self.save()
         if stopping:
-            raise KeyboardInterrupt(f"stopped at step {state['step']}; checkpoint saved: python train.py --resume {run.out}")
+            raise KeyboardInterrupt(f"stopped at step {state['step']}; checkpoint saved: "
+                                    f"python train.py --resume {run.out}")
 
     # ------------------------------------------------------------------------ the loop
     def train(self):
         run, cfg, method, state = self.run, self.run.cfg, self.run.method, self.state
-        pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, desc=cfg.method,
-                    dynamic_ncols=True, disable=not parallel.is_main())
+        pbar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps,
+                    desc=cfg.method, dynamic_ncols=True, disable=not parallel.is_main())
         log = open(os.path.join(run.out, "metrics.jsonl"), "a") if parallel.is_main() else None
         with log or contextlib.nullcontext(), checkpoint.stop_on_ctrl_c() as stop:
             for step in pbar:
                 lap = checkpoint.Laps(run.device)
                 now = amft.phase(method, step, cfg.warmup)
                 rows, demos = self.next_batch(now)
-                m = dict(step=step, phase=now.name, **self.controller.metrics(), **dict.fromkeys(METRICS),
+                m = dict(step=step, phase=now.name, **self.controller.metrics(),
+                         **dict.fromkeys(METRICS),
                          prompts_crc32=zlib.crc32("\n".join(r["prompt"] for r in rows).encode()))
                 # 1. sample G per prompt -> rewards -> group advantages -> g_RL
                 g_rl, H = self.rl_gradient(rows, demos, m, lap) if now.rl else ({}, None)
                 # 2. g_SFT on the demonstrations
                 g_sft = self.sft_gradient(demos, m, lap) if now.sft else {}
-                finite = all(math.isfinite(m[k]) for k in ("sft_loss", "rl_loss") if m[k] is not None)
+                finite = all(math.isfinite(m[k]) for k in ("sft_loss", "rl_loss")
+                             if m[k] is not None)
                 # 3. mu: the entropy term every step, dU/dmu every K steps
                 if now.rl and method.mixes:
                     self.move_mu(step, H, g_rl, g_sft, finite, m, lap)
@@ -527,7 +600,8 @@ def accuracy_table(before: dict, after: dict) -> str:
     lines = [f"{'':24}{'before':>8}{'after':>8}"]
     for key, label in [("id_accuracy", "ID test"), ("id_accuracy_faces", "  hands with J, Q or K"),
                        ("id_accuracy_no_faces", "  hands without"), ("ood_accuracy", "OOD test"),
-                       ("ood_accuracy_faces", "  hands with J, Q or K"), ("ood_accuracy_no_faces", "  hands without"),
+                       ("ood_accuracy_faces", "  hands with J, Q or K"),
+                       ("ood_accuracy_no_faces", "  hands without"),
                        *[(k, f"ID {k}") for k in after if k.startswith("pass@")]]:
         if key in after and (after[key] is not None or before.get(key) is not None):
             lines.append(f"{label:24}{fmt(before.get(key)):>8}{fmt(after[key]):>8}")
@@ -539,13 +613,16 @@ def train_and_score(run: Run) -> dict:
     cfg, model, tok, splits = run.cfg, run.model, run.tok, run.splits
     trainer = Trainer(run)
     if parallel.is_main():
-        checkpoint.atomic_json(dataclasses.asdict(cfg), os.path.join(run.out, "config.json"))  # (after a resume works)
+        # (after a resume works)
+        checkpoint.atomic_json(dataclasses.asdict(cfg), os.path.join(run.out, "config.json"))
     state = trainer.state
     if state["before"] is None:
         state["before"] = held_out_accuracy(model, tok, splits, cfg, run.eos)
-    print(f"{cfg.method}: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test prompts")
+    print(f"{cfg.method}: {len(splits['train'])} train / {len(splits['val'])} val / "
+          f"{len(splits['test'])} test prompts")
     trainer.train()
-    peak = max(parallel.gather_objects(checkpoint.peak_memory(run.device)))  # training's peak (the largest process's)
+    # training's peak (the largest process's)
+    peak = max(parallel.gather_objects(checkpoint.peak_memory(run.device)))
     trainer.save()
     after = held_out_accuracy(model, tok, splits, cfg, run.eos, cfg.pass_k)
     weights, _ = parallel.full_state(model)
@@ -558,8 +635,9 @@ def train_and_score(run: Run) -> dict:
     controller, t_start = trainer.controller, run.t_start
     summary = dict(method=cfg.method, model=cfg.model, task=cfg.task, steps=cfg.steps, **after,
                    **{f"{k}_before": v for k, v in state["before"].items()},
-                   final_mu=controller.mu if run.method.mixes else None, H_target=controller.H_target,
-                   mu_rejected=controller.rejected, meta_silent=controller.silent, skipped_steps=state["skipped"],
+                   final_mu=controller.mu if run.method.mixes else None,
+                   H_target=controller.H_target, mu_rejected=controller.rejected,
+                   meta_silent=controller.silent, skipped_steps=state["skipped"],
                    **run.scored, wall_seconds=round(trainer.earlier + time.time() - t_start, 1),
                    wall_seconds_this_call=round(time.time() - t_start, 1), device=run.device,
                    peak_memory_gib=round(peak / 2**30, 3),
