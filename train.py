@@ -1,5 +1,6 @@
 """
-Train a causal LM with AMFT (or a baseline) and evaluate it. One linear loop, no Trainer.
+Train a causal LM with AMFT (or a baseline) and evaluate it: one loop (`Trainer.train`), no
+framework.
 
     python train.py                          # tiny Qwen2 on General Points, CPU, minutes
     python train.py --method sft             # a baseline (see --help for all nine methods)
