@@ -45,6 +45,7 @@ import parallel
 import plots
 import pretrain
 import rewards
+from scoring import accuracy_table, evaluate, held_out_accuracy, score  # noqa: F401 (train.*)
 # (train.Config etc.)
 from settings import RECIPES, Config, UsageError, check, parse_args, resolve  # noqa: F401
 
@@ -65,12 +66,6 @@ def slices(n: int, size: int):
     return [slice(i, i + size) for i in range(0, n, size)]
 
 
-def score(texts, rows, G, verifier):
-    """Rewards (B, G) of B*G completions, prompt-major."""
-    return torch.tensor([data.reward(rows[i // G], t, verifier)
-                         for i, t in enumerate(texts)]).view(len(rows), G)
-
-
 def rollouts(model, tok, rows, cfg, eos):
     """G samples per row from the policy, and their rewards (B, G)."""
     model.eval()
@@ -79,61 +74,6 @@ def rollouts(model, tok, rows, cfg, eos):
                          sampler=cfg.sampler)
     model.train()
     return roll, score(roll.texts, rows, cfg.group_size, cfg.verifier)
-
-
-@torch.no_grad()
-def evaluate(model, tok, rows, cfg, eos, k=0) -> dict:
-    """{"accuracy": greedy pass@1} (and "pass@k" from k samples at --temperature): the fraction
-    of rows whose greedy completion (any of k samples) earns reward 1."""
-    model.eval()
-    hits, hits_k = 0.0, 0.0
-    # with several processes each scores its rows, and the hits add up
-    mine = parallel.strided(rows)
-    # as many calls on every process (FSDP needs it)
-    for i in range(0, -(-len(rows) // parallel.world()), cfg.eval_batch):
-        chunk = mine[i:i + cfg.eval_batch]
-        n = len(chunk)  # a process with fewer rows scores a stand-in row and counts none of it
-        chunk = chunk or rows[:1]
-        prompts = [r["prompt"] for r in chunk]
-        greedy = policy.sample(model, tok, prompts, G=1, max_new_tokens=cfg.max_new_tokens,
-                               greedy=True, eos=eos, sampler=cfg.sampler)
-        hits += score(greedy.texts, chunk, 1, cfg.verifier)[:n].sum().item()
-        if k:
-            drawn = policy.sample(model, tok, prompts, G=k, temperature=cfg.temperature,
-                                  max_new_tokens=cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
-            hits_k += (score(drawn.texts, chunk, k,
-                             cfg.verifier)[:n].max(1).values == 1).sum().item()
-    model.train()
-    hits, hits_k = parallel.total(hits), parallel.total(hits_k)
-    n = max(len(rows), 1)
-    return {"accuracy": hits / n, **({f"pass@{k}": hits_k / n} if k else {})}
-
-
-def held_out_accuracy(model, tok, splits, cfg, eos, k=0) -> dict:
-    """Greedy accuracy on the test split(s) (None when --skip-test), and pass@k on the ID test
-    when k > 0. General Points hands are also scored apart by whether they hold a J, Q or K: the
-    OOD rule changes those cards' values only, so an OOD hand without them differs from its ID
-    twin in the rule's text alone (id_/ood_accuracy_faces and _no_faces)."""
-    result = {"id_accuracy": None, "ood_accuracy": None}
-    for name, split in (("id", "test"), ("ood", "test_ood")):
-        rows = [] if cfg.skip_test else splits.get(split, [])
-        if not rows:
-            continue
-        pass_k = k if name == "id" else 0
-        if all("cards" in r for r in rows):
-            parts = {"faces": [r for r in rows if data.has_face(r)],
-                     "no_faces": [r for r in rows if not data.has_face(r)]}
-        else:
-            parts = {"all": rows}
-        scores = {part: evaluate(model, tok, part_rows, cfg, eos, pass_k)
-                  for part, part_rows in parts.items() if part_rows}
-        # the parts, weighted by their rows, give the whole
-        for key in ("accuracy", *([f"pass@{pass_k}"] if pass_k else [])):
-            result[f"{name}_accuracy" if key == "accuracy" else key] = (
-                sum(s[key] * len(parts[p]) for p, s in scores.items()) / len(rows))
-        result.update({f"{name}_accuracy_{p}": scores[p]["accuracy"] if p in scores else None
-                       for p in parts if p != "all"})
-    return result
 
 
 def take_grads(params: dict) -> dict:
@@ -593,20 +533,6 @@ class Trainer:
                 # 4. AdamW on w_RL g_RL + w_SFT g_SFT
                 self.optimizer_step(now, H, g_rl, g_sft, finite, m)
                 self.end_of_step(step, now, m, lap, log, pbar, stop)
-
-
-def accuracy_table(before: dict, after: dict) -> str:
-    """The held-out accuracies before and after training, aligned, to 3 digits (absent: -)."""
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    lines = [f"{'':24}{'before':>8}{'after':>8}"]
-    for key, label in [("id_accuracy", "ID test"), ("id_accuracy_faces", "  hands with J, Q or K"),
-                       ("id_accuracy_no_faces", "  hands without"), ("ood_accuracy", "OOD test"),
-                       ("ood_accuracy_faces", "  hands with J, Q or K"),
-                       ("ood_accuracy_no_faces", "  hands without"),
-                       *[(k, f"ID {k}") for k in after if k.startswith("pass@")]]:
-        if key in after and (after[key] is not None or before.get(key) is not None):
-            lines.append(f"{label:24}{fmt(before.get(key)):>8}{fmt(after[key]):>8}")
-    return "\n".join(lines)
 
 
 def train_and_score(run: Run) -> dict:
