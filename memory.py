@@ -162,9 +162,9 @@ def _rollout(model, rows, P, C, cfg, tracker):
     decoder = policy.bf16_copy(model) if compiled and getattr(model, "amp", False) else model
     tracker.tag(decoder.parameters() if decoder is not model else [], "bf16 copy")
     tracker.answer = compiled  # "has every row ended?" yes, at the first time of asking
-    with mock.patch.object(policy, "compiled_forward", lambda: policy._forward), torch.no_grad():
-        policy.decode_loop(decoder, ids, attn, C, cfg.temperature, eos=[0], pad=0,
-                           compiled=compiled)
+    decode = policy.decode_compiled if compiled else policy.decode_loop
+    with mock.patch.object(policy, "compiled_step", lambda: policy._decode_step), torch.no_grad():
+        decode(decoder, ids, attn, C, cfg.temperature, eos=[0], pad=0)
     tracker.answer = 0
     if compiled:
         cache = policy._static_caches[decoder][1]

@@ -277,8 +277,9 @@ class Rollout(NamedTuple):
 @torch.no_grad()
 def sample(model, tok, prompts: list, G: int, temperature: float = 1.0, max_new_tokens: int = 16,
            greedy: bool = False, eos=None, sampler: str = "generate") -> Rollout:
-    """G completions per prompt. sampler: 'generate' (transformers), 'loop' (decode_loop below)
-    or 'compiled' (decode_loop, static cache, torch.compile; under --amp through bf16_copy)."""
+    """G completions per prompt. sampler: 'generate' (transformers), 'loop' (decode_loop below:
+    generate's tokens for a seed) or 'compiled' (decode_compiled: static cache, torch.compile,
+    the same distribution by another draw; under --amp through bf16_copy)."""
     # the compiled sampler's shapes (prompt + cache length) come in steps of 64, so a new batch
     # seldom means a new graph; extra left padding is masked and changes no probability
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
@@ -290,13 +291,14 @@ def sample(model, tok, prompts: list, G: int, temperature: float = 1.0, max_new_
     if sampler == "generate":
         completions = _generate(model, ids, attn, max_new_tokens, temperature, eos,
                                 tok.pad_token_id, greedy)
+    elif sampler == "loop":
+        completions = decode_loop(model, ids, attn, max_new_tokens, temperature, eos,
+                                  tok.pad_token_id, greedy)
     else:
-        decoder = (bf16_copy(model) if sampler == "compiled" and getattr(model, "amp", False)
-                   else model)
-        completions = decode_loop(decoder, ids, attn, max_new_tokens, temperature, eos,
-                                  tok.pad_token_id, greedy, compiled=sampler == "compiled")
-    # the bucket's extra columns go again: the log-probs need only the prompts' own padding
-    if sampler == "compiled":
+        decoder = bf16_copy(model) if getattr(model, "amp", False) else model
+        completions = decode_compiled(decoder, ids, attn, max_new_tokens, temperature, eos,
+                                      tok.pad_token_id, greedy)
+        # the bucket's extra columns go again: the log-probs need only the prompts' own padding
         first = int(attn.any(0).long().argmax())
         ids, attn = ids[:, first:], attn[:, first:]
     mask = completion_mask(completions, eos)
@@ -328,22 +330,10 @@ def _generate(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy):
     return out[:, ids.shape[1]:]                                      # (B*G, C)
 
 
-def _forward(model, **inputs):
-    return model(**inputs)
-
-
 # model -> ((batch, length), StaticCache): freed with the model
 _static_caches = weakref.WeakKeyDictionary()
 # model -> its bfloat16 decoding copy (--amp, compiled sampler)
 _bf16_copies = weakref.WeakKeyDictionary()
-
-
-@functools.cache
-def compiled_forward():
-    """_forward through torch.compile, built once per process. The model is an argument, not
-    captured, so nothing here keeps a model alive, and a new model of the same shape and dtype
-    reuses the compiled code (its CUDA graph is recorded again for the new weights)."""
-    return torch.compile(_forward, mode="reduce-overhead", fullgraph=False)
 
 
 def static_cache(model, batch: int, length: int):
@@ -382,31 +372,34 @@ def bf16_copy(model):
     return twin
 
 
-def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=False,
-                compiled=False):
+def _cache_kwarg(model) -> str:
+    """The name of forward's cache argument (renamed in transformers 5.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _prefill(model, ids, attn, cache, mask):
+    """The prompts through the model into `cache`; the last position's logits (B, 1, V)."""
+    P = ids.shape[1]
+    position = (attn.cumsum(-1) - 1).clamp(min=0)                             # (B, P)
+    return model(input_ids=ids, attention_mask=mask, position_ids=position,
+                 cache_position=torch.arange(P, device=ids.device), logits_to_keep=1,
+                 **{_cache_kwarg(model): cache}).logits
+
+
+def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=False):
     """The decode loop of generate(), written out: prefill the prompts into a KV cache, then
     one token per forward. Sampling is generate()'s, op for op (float32 logits / temperature,
     softmax, one torch.multinomial per step; finished rows get pad), so with the same seed it
-    draws the same tokens. compiled=True preallocates a StaticCache (fixed shapes: the whole
-    attention mask is passed every step) and runs the one-token forward through
-    torch.compile(mode="reduce-overhead"), which captures it as a CUDA graph on a GPU."""
+    draws the same tokens."""
     from transformers import DynamicCache
     B, P = ids.shape
-    cache = (static_cache(model, B, P + max_new_tokens) if compiled
-             else DynamicCache(config=model.config))
+    cache = DynamicCache(config=model.config)
     mask = torch.cat([attn, attn.new_ones(B, max_new_tokens)], 1)             # (B, P+C)
-    position = (attn.cumsum(-1) - 1).clamp(min=0)                             # (B, P)
-    # renamed in transformers 5.x
-    kv = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    forward = compiled_forward() if compiled else _forward
-    logits = model(input_ids=ids, attention_mask=mask[:, :P] if not compiled else mask,
-                   position_ids=position, cache_position=torch.arange(P, device=ids.device),
-                   logits_to_keep=1, **{kv: cache}).logits
+    position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -1:]                     # (B, 1)
+    logits, kv = _prefill(model, ids, attn, cache, mask[:, :P]), _cache_kwarg(model)
     out = ids.new_full((B, max_new_tokens), pad)                               # (B, C)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     eos_t = torch.tensor(eos, device=ids.device)
-    # the step at which every row had ended
-    last = torch.tensor(max_new_tokens - 1, device=ids.device)
     for t in range(max_new_tokens):
         scores = logits[:, -1].float()                                         # (B, V)
         if greedy:
@@ -416,21 +409,78 @@ def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=
         token = torch.where(done, torch.full_like(token, pad), token)
         out[:, t] = token
         done |= torch.isin(token, eos_t)
-        # ask the GPU whether all rows are done only every 8 steps: each question is a sync
-        if compiled:
-            last = torch.minimum(last, torch.where(done.all(), t, max_new_tokens - 1))
-            if t + 1 == max_new_tokens or (t % 8 == 7 and bool(done.all())):
-                return out[:, :int(last) + 1]  # the steps after the last row ended hold only pad
-        elif bool(done.all()) or t + 1 == max_new_tokens:
+        if bool(done.all()) or t + 1 == max_new_tokens:
             return out[:, :t + 1]
-        step_mask = mask if compiled else mask[:, :P + t + 1]
-        if compiled:  # this step's logits were read: the graph may overwrite its output buffers
-            torch.compiler.cudagraph_mark_step_begin()
-        logits = forward(model, input_ids=token[:, None], attention_mask=step_mask,
-                         position_ids=position[:, -1:] + t + 1,
-                         cache_position=torch.full((1,), P + t, device=ids.device),
-                         **{kv: cache}).logits
+        logits = model(input_ids=token[:, None], attention_mask=mask[:, :P + t + 1],
+                       position_ids=position + t + 1,
+                       cache_position=torch.full((1,), P + t, device=ids.device),
+                       **{kv: cache}).logits
     return out
+
+
+def draw(scores, temperature: float, greedy: bool):
+    """The next token (B,) from float32 logits (B, V): the argmax if greedy, else a draw from
+    softmax(scores / temperature) by the Gumbel-max trick, argmax(scores / temperature - log q)
+    with q ~ Exp(1) per entry: the same distribution as torch.multinomial, drawn with no host
+    sync and no cumulative sum, so a compiled graph fuses it into one pass over the vocabulary
+    (gpt-fast samples this way). q = -log u for u ~ U[0, 1): u = 0 gives q = inf, a token not
+    drawn; u never reaches 1, so no q is 0 (q = 0 would draw its token whatever its score)."""
+    if greedy:
+        return scores.argmax(-1)
+    q = -torch.rand_like(scores).log()
+    return (scores / temperature - q.log()).argmax(-1)
+
+
+def _decode_step(model, token, done, position, cache_position, mask, cache, eos, kv: str,
+                 temperature: float, greedy: bool, pad: int):
+    """One token for every row: the forward of the last tokens (B,) against the cache, the draw,
+    pad for rows already ended. Returns the new (token, done, position, cache_position)."""
+    logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                   cache_position=cache_position, **{kv: cache}).logits
+    token = torch.where(done, pad, draw(logits[:, -1].float(), temperature, greedy))
+    return token, done | torch.isin(token, eos), position + 1, cache_position + 1
+
+
+@functools.cache
+def compiled_step():
+    """_decode_step through torch.compile, built once per process, the draw inside the graph.
+    The model is an argument, not captured, so nothing here keeps a model alive, and a new model
+    of the same shape and dtype reuses the compiled code (its CUDA graph is recorded again for
+    the new weights). dynamic=False: one graph per batch and cache length, never a symbolic one."""
+    return torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
+
+
+def decode_compiled(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=False):
+    """The decode loop for GPUs. The prompts are prefilled eagerly into a preallocated
+    StaticCache (fixed shapes: the whole (B, P + C) attention mask is passed every step); each
+    later token is one call of compiled_step (torch.compile, mode="reduce-overhead": a CUDA graph
+    of the forward and the draw). The host asks the GPU whether every row has ended only every 8
+    steps, each question being a sync. Tokens come from the same distribution as decode_loop's,
+    by another draw (see draw), so not the same tokens for a seed."""
+    B, P = ids.shape
+    C = max_new_tokens
+    cache = static_cache(model, B, P + C)
+    mask = torch.cat([attn, attn.new_ones(B, C)], 1)                           # (B, P+C)
+    logits = _prefill(model, ids, attn, cache, mask)
+    eos_t = torch.tensor(eos, device=ids.device)
+    token = draw(logits[:, -1].float(), temperature, greedy)
+    done = torch.isin(token, eos_t)
+    position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -1:] + 1                 # (B, 1)
+    cache_position = torch.full((1,), P, device=ids.device)
+    out = ids.new_full((B, C), pad)                                            # (B, C)
+    out[:, 0] = token
+    step, kv = compiled_step(), _cache_kwarg(model)
+    for t in range(1, C):
+        if t % 8 == 0 and bool(done.all()):
+            break
+        # the last step's outputs were copied out: the graph may overwrite its output buffers
+        torch.compiler.cudagraph_mark_step_begin()
+        new = step(model, token, done, position, cache_position, mask, cache, eos_t, kv,
+                   temperature, greedy, pad)
+        token, done, position, cache_position = (x.clone() for x in new)
+        out[:, t] = token
+    # the columns after the last row ended hold only pad
+    return out[:, :int(completion_mask(out, eos).sum(1).max())]
 
 
 # ---------------------------------------------------------------------------- log-probs

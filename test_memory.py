@@ -72,7 +72,7 @@ def test_the_replay_of_a_step_agrees_with_the_real_loop_phase_by_phase(tmp_path,
     counted by the tracker on real tensors, each phase apart, against memory.step_memory at the
     same sizes under FakeTensorMode: in float32 with generate (the CPU recipe), and with amp, the
     compiled sampler (its bfloat16 copy and static KV cache; run eagerly, in both) and a KL
-    reference. The replay runs every rollout to full length, so it may count a little more."""
+    reference. Rollouts run to full length in both."""
     shape = dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
                  intermediate_size=256, vocab_size=20000, tie_word_embeddings=True)
     path = policy.make_tiny_model(str(tmp_path / "m"), n_layer=1, n_embd=64, n_head=2,
@@ -83,12 +83,15 @@ def test_the_replay_of_a_step_agrees_with_the_real_loop_phase_by_phase(tmp_path,
     if precision != "float32, generate":
         kw.update(amp=True, sampler="compiled", beta=0.1)
         # the same decode loop, not compiled
-        monkeypatch.setattr(policy, "compiled_forward", lambda: policy._forward)
-    # a reward of 1 for an odd number of characters: groups differ, so the meta-gradient is not
-    # silent
+        monkeypatch.setattr(policy, "compiled_step", lambda: policy._decode_step)
+    # a reward of 1 for every other completion: groups differ, so the meta-gradient is not silent
+    import itertools
     import data
+    counter = itertools.count()
     monkeypatch.setattr(data, "reward",
-                        lambda row, text, verifier="builtin": float(len(text) % 2))
+                        lambda row, text, verifier="builtin": float(next(counter) % 2))
+    # no token ends a rollout: every one runs its 32 tokens, as the replay's do
+    monkeypatch.setattr(policy, "eos_ids", lambda *_, **__: [20000 + 7])
     tracker = memory.LiveBytes(vocab=20000)
     phases = {"rl_backward": "RL backward", "sft_backward": "SFT backward",
               "meta_gradient": "meta-gradient"}

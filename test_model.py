@@ -101,7 +101,8 @@ def test_logprobs_at_temperature_are_the_distribution_sampled_from(warm_path):
     # 2000 first tokens drawn at tau = 0.5 from a trained model (a peaked distribution): their
     # frequencies match exp(token_logprobs at tau = 0.5), and not the log-probs at tau = 1.
     # (--sampler loop draws the same tokens as generate:
-    # test_decode_loop_draws_the_same_tokens_as_generate)
+    # test_decode_loop_draws_the_same_tokens_as_generate; --sampler compiled:
+    # test_compiled_sampler_draws_from_the_distribution_the_logprobs_score)
     model, tok = policy.load_policy(warm_path)
     prompt, N = "4 3 3; J,Q,K=10; 10=", 2000
     torch.manual_seed(0)
@@ -155,23 +156,55 @@ def test_decode_loop_draws_the_same_tokens_as_generate(tiny_path, greedy):
             and outs["generate"].texts == outs["loop"].texts)
 
 
-def test_compiled_sampler_draws_the_same_tokens_as_generate(tiny_path):
+def test_compiled_sampler_ends_rows_and_trims_like_generate(tiny_path):
     # its own path: a static cache reused across calls, prompts padded to a 64-column bucket (and
-    # trimmed again), the end of all rows checked every 8 steps (and the pad-only steps trimmed)
+    # trimmed again), the end of all rows checked every 8 steps (and the pad-only steps trimmed);
+    # greedy, it decodes generate's tokens (float32: no rounding to tell them apart)
     model, tok = policy.load_policy(tiny_path)
     prompts = ["cards 3 J 5; J,Q,K=10; make 10: ", "ab", "make"]
-    ends = list(range(3, 33))  # a third of the vocabulary ends a row: lengths 1 to 12 at this seed
-    outs = {}
-    for sampler in ("generate", "compiled", "compiled"):
-        torch.manual_seed(3)
-        outs[sampler] = policy.sample(model, tok, prompts, G=4, max_new_tokens=40, eos=ends,
-                                      sampler=sampler)
-        lengths = outs[sampler].mask.sum(1)
-        assert lengths.min() == 1 and lengths.max() == outs[sampler].completions.shape[1] == 12
-    g, c = outs["generate"], outs["compiled"]
-    assert (torch.equal(g.completions, c.completions) and torch.equal(g.mask, c.mask)
-            and g.texts == c.texts)
-    assert torch.equal(g.prompt_ids, c.prompt_ids) and torch.equal(g.prompt_mask, c.prompt_mask)
+    ends = list(range(3, 33))  # a third of the vocabulary ends a row
+    torch.manual_seed(3)
+    g = policy.sample(model, tok, prompts, G=4, max_new_tokens=40, eos=ends, greedy=True)
+    for _ in range(2):  # the second call reuses the cache and the graph
+        c = policy.sample(model, tok, prompts, G=4, max_new_tokens=40, eos=ends, greedy=True,
+                          sampler="compiled")
+        assert (torch.equal(g.completions, c.completions) and torch.equal(g.mask, c.mask)
+                and g.texts == c.texts)
+        assert torch.equal(g.prompt_ids, c.prompt_ids) and torch.equal(g.prompt_mask, c.prompt_mask)
+    for seed in range(2):  # sampled: rows end at different steps, the last within the 40
+        torch.manual_seed(seed)
+        c = policy.sample(model, tok, prompts, G=4, max_new_tokens=40, eos=ends,
+                          sampler="compiled")
+        lengths = c.mask.sum(1)
+        assert lengths.min() < lengths.max() == c.completions.shape[1] < 40, lengths.tolist()
+        after_end = c.completions[c.mask == 0]  # every row's tokens after its end are pad
+        assert (after_end == tok.pad_token_id).all() and len(after_end) > 0
+
+
+def test_compiled_sampler_draws_from_the_distribution_the_logprobs_score(warm_path):
+    # the compiled sampler draws by the Gumbel-max trick, not generate's multinomial: 2000 rows
+    # at tau = 0.5 from a trained model (a peaked distribution); the second tokens come out of
+    # the compiled graph. Their frequencies match exp(log-probs at tau = 0.5) given each row's
+    # first token, and not the log-probs at tau = 1
+    model, tok = policy.load_policy(warm_path)
+    model.eval()
+    prompt, N = "4 3 3; J,Q,K=10; 10=", 2000
+    torch.manual_seed(0)
+    roll = policy.sample(model, tok, [prompt], G=N, temperature=0.5, max_new_tokens=2,
+                         eos=[len(tok) + 5], sampler="compiled")
+    assert roll.completions.shape == (N, 2)
+    second = roll.completions[:, 1]
+    counts = torch.bincount(second, minlength=len(tok)).double()
+    top = counts.argsort(descending=True)[:4]
+    assert counts[top[1]] > 50  # several tokens are likely: a test of frequencies, not an argmax
+    ids = torch.cat([roll.prompt_ids, roll.completions[:, :1]], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].double()
+    for tau, should_match in ((0.5, True), (1.0, False)):
+        p = torch.softmax(logits / tau, -1)[:, top]  # (N, 4): each row's own probabilities
+        sigma = (p * (1 - p)).sum(0).sqrt()
+        within = ((counts[top] - p.sum(0)).abs() < 5 * sigma + 2).all().item()
+        assert within == should_match, (tau, counts[top].tolist(), p.sum(0).tolist())
 
 
 def test_the_bfloat16_decoding_copy_follows_the_weights_and_dies_with_the_model(tiny_path):
