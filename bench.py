@@ -76,18 +76,30 @@ def copy_bandwidth(device, mb=256):
 
 
 def bench_decode(model, tok, device, B, P, C, samplers):
-    """Rows (name, ms/step, tok/s, share of tokens equal to generate's for the same seed)."""
+    """Rows (name, ms/step, tok/s, share of tokens equal to generate's for the same seed, for the
+    loop; the compiled sampler draws by another method, so its tokens differ). With the compiled
+    sampler, also a row with dynamo's guards skipped (torch.compiler.set_stance's
+    skip_guard_eval_unsafe, safe here: one compiled entry, the same shapes every call): what the
+    guards cost per step."""
     prompts = ["x" * (P - 1)] * B  # char tokenizer: P - 1 characters
     never = [model.config.vocab_size]  # an EOS id outside the vocabulary: every row runs C steps
     rows, drawn = [], {}
-    for sampler in samplers:
+    variants = [(s, contextlib.nullcontext) for s in samplers]
+    if "compiled" in samplers and hasattr(torch.compiler, "set_stance"):
+        variants.append(("compiled, guards skipped", lambda: torch.compiler.set_stance(
+            "default", skip_guard_eval_unsafe=True)))
+    for name, stance in variants:
+        sampler = name.split(",")[0]
+
         def run():
             torch.manual_seed(0)
-            drawn[sampler] = policy.sample(model, tok, prompts, G=1, max_new_tokens=C, eos=never,
-                                           sampler=sampler).completions
+            with stance():
+                drawn[name] = policy.sample(model, tok, prompts, G=1, max_new_tokens=C, eos=never,
+                                            sampler=sampler).completions
         seconds = timed(run, device, repeat=2)
-        same = (drawn[sampler] == drawn["generate"]).float().mean().item()
-        rows.append((f"decode {sampler}", seconds / C * 1e3, B * C / seconds, same))
+        same = ((drawn[name] == drawn["generate"]).float().mean().item() if sampler == "loop"
+                else None)
+        rows.append((f"decode {name}", seconds / C * 1e3, B * C / seconds, same))
     n_params = sum(p.numel() for p in model.parameters())
     kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * (
         model.config.hidden_size // model.config.num_attention_heads)
@@ -98,9 +110,65 @@ def bench_decode(model, tok, device, B, P, C, samplers):
     return rows
 
 
+def profile_decode(model, tok, device, B, P, C):
+    """torch.profiler over one rollout of the compiled sampler (B rows, prompts of P tokens, C new
+    tokens; after two warm-up calls): wall, host and device milliseconds per decode step, the
+    host's time by cause (dynamo's guards, the compiled regions, CUDA-graph launches, eager ops
+    outside compiled code, by name), and dynamo's graph and graph-break counts."""
+    from torch.profiler import ProfilerActivity, profile
+    prompts = ["x" * (P - 1)] * B
+    never = [model.config.vocab_size]
+    run = lambda: policy.sample(model, tok, prompts, G=1, max_new_tokens=C, eos=never,
+                                sampler="compiled")
+    run()
+    run()
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run()
+        sync(device)
+    wall = time.perf_counter() - t
+    ms = lambda us: us / 1e3 / C  # profiler microseconds -> ms per decode step
+    events = prof.events()
+    host = lambda match: ms(sum(e.cpu_time_total for e in events if match(e.name)))
+    top_eager = {}
+    for e in events:  # eager ops called from Python, not from inside compiled code
+        if e.cpu_parent is None and e.name.startswith("aten::"):
+            top_eager[e.name] = top_eager.get(e.name, 0.0) + ms(e.cpu_time_total)
+    device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events
+                    if e.device_type == torch.autograd.DeviceType.CUDA)
+    counters = torch._dynamo.utils.counters
+    return dict(
+        B=B, P=P, C=C, wall_ms=wall * 1e3 / C, device_ms=ms(device_us),
+        guards_ms=host(lambda n: n == "TorchDynamo Cache Lookup"),
+        compiled_regions_ms=host(lambda n: n.startswith("Torch-Compiled Region")),
+        graph_launch_ms=host(lambda n: n == "cudaGraphLaunch"),
+        eager_ops_ms=sum(top_eager.values()),
+        eager_ops=dict(sorted(top_eager.items(), key=lambda kv: -kv[1])[:10]),
+        graphs=dict(counters["stats"]), graph_breaks=dict(counters["graph_break"]))
+
+
+def profile_table(r) -> str:
+    lines = [f"decode step, compiled sampler, B={r['B']}, prompt {r['P']}, {r['C']} new "
+             "(ms per step)", "| cause | ms/step |", "|---|---:|",
+             f"| wall clock | {r['wall_ms']:.3f} |",
+             f"| device busy (kernels) | {r['device_ms']:.3f} |",
+             f"| host: dynamo guards (TorchDynamo Cache Lookup) | {r['guards_ms']:.3f} |",
+             f"| host: compiled regions (Torch-Compiled Region, guards and launches inside) "
+             f"| {r['compiled_regions_ms']:.3f} |",
+             f"| host: CUDA-graph launches (cudaGraphLaunch) | {r['graph_launch_ms']:.3f} |",
+             f"| host: eager ops outside compiled code | {r['eager_ops_ms']:.3f} |"]
+    lines += [f"| &nbsp; {name} | {v:.3f} |" for name, v in r["eager_ops"].items()]
+    lines.append(f"dynamo: {r['graphs']}; graph breaks: {r['graph_breaks'] or 'none'}")
+    return "\n".join(lines)
+
+
 def sampler_agreement(device, samplers, G=4, C=24):
     """Share of tokens each sampler draws equal to generate()'s, same seed, on the tiny model in
-    float32 with ragged prompts (left padding), sampling and greedy."""
+    float32 with ragged prompts (left padding): the loop sampling and greedy, the compiled
+    sampler greedy (it samples by another draw: test_model.py checks its frequencies)."""
     model, tok = policy.load_policy("tiny", device=device)
     model.eval()
     prompts = ["2 J 5; J,Q,K=10; 10=", "3 4;", "K Q 9 8 7 ; J,Q,K=11,12,13; 24=", "A"]
@@ -108,6 +176,8 @@ def sampler_agreement(device, samplers, G=4, C=24):
     for greedy in (False, True):
         drawn = {}
         for sampler in samplers:
+            if sampler == "compiled" and not greedy:
+                continue
             torch.manual_seed(7)
             drawn[sampler] = policy.sample(model, tok, prompts, G=G, max_new_tokens=C,
                                            greedy=greedy, eos=[len(tok) + 9],
@@ -144,10 +214,11 @@ RUNS = [("fixed-mix", "fixed-mix", "first-order"), ("amft first-order", "amft", 
         ("amft autograd", "amft", "autograd")]
 
 
-def bench_steps(model_name, device, steps, B, G, C, sampler, runs=RUNS):
-    """Whole train.py runs at the model's recipe, dU/dmu every other step. Per run: median seconds
-    of a plain step and of a meta step (after the first two steps, which compile and warm caches),
-    the median seconds of each phase, and the peak memory."""
+def bench_steps(model_name, device, steps, B, G, C, sampler, runs=RUNS, meta_every=4):
+    """Whole train.py runs at the model's recipe, dU/dmu every `meta_every` steps. Per run, after
+    the first two steps (which compile and warm caches): the median seconds of a plain step and of
+    a meta step and how many of each, the median seconds of each phase (the meta phase also split
+    into its validation rollouts and U's backward, in micro-batches), and the peak memory."""
     out = {}
     for label, method, meta_grad in runs:
         with tempfile.TemporaryDirectory(prefix="amft-bench-") as tmp:
@@ -156,7 +227,7 @@ def bench_steps(model_name, device, steps, B, G, C, sampler, runs=RUNS):
                     contextlib.redirect_stderr(io.StringIO()):  # only the table
                 summary = train.main(train.Config(
                     model=model_name, method=method, steps=steps, warmup=0, batch_size=B,
-                    group_size=G, max_new_tokens=C, meta_every=2, meta_grad=meta_grad,
+                    group_size=G, max_new_tokens=C, meta_every=meta_every, meta_grad=meta_grad,
                     eval_every=10**6, eval_batch=B, save_every=0, device=device,
                     sampler=sampler, skip_test=True, out=run_dir))
             with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -164,10 +235,14 @@ def bench_steps(model_name, device, steps, B, G, C, sampler, runs=RUNS):
         plain = [x for x in m if x.get("val_reward") is None]
         meta = [x for x in m if x.get("val_reward") is not None]
         med = lambda rows, key: (statistics.median(x[key] for x in rows)
-                                 if rows and rows[0][key] is not None else None)
+                                 if rows and rows[0].get(key) is not None else None)
+        backward = [dict(x, u=x["seconds_meta"] - x["seconds_meta_rollout"]) for x in meta]
         out[label] = dict(plain=med(plain, "seconds_step"), meta=med(meta, "seconds_step"),
+                          n_plain=len(plain), n_meta=len(meta),
                           phases={k: med(plain, f"seconds_{k}") for k in ("rollout", "rl", "sft")}
-                                 | {"meta": med(meta, "seconds_meta")},
+                                 | {"meta": med(meta, "seconds_meta"),
+                                    "meta rollouts": med(meta, "seconds_meta_rollout"),
+                                    "U backward": med(backward, "u")},
                           peak_gib=summary["peak_memory_gib"],
                           bytes_per_param=summary["bytes_per_param"])
     return out
@@ -242,6 +317,9 @@ def bench_trl(model_path, B, G, C, steps=3):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+SECTIONS = ("decode", "train", "steps")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,11 +330,19 @@ def main(argv=None):
                    help="only the memory tables: amft's step replayed with live-tensor "
                         "accounting at the pretrained recipe's sizes for Qwen2.5 0.5B to 7B "
                         "(memory.py; no GPU needed, ~5 minutes)")
+    p.add_argument("--profile", action="store_true",
+                   help="only the profile of the compiled sampler's decode steps (torch.profiler): "
+                        "host and device ms per step by cause")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--trl", action="store_true",
                    help="also time TRL's GRPOTrainer at the step settings (needs trl, datasets)")
     p.add_argument("--json", default="", help="also write every figure to this JSON file")
     p.add_argument("--trl-step", nargs=5, help=argparse.SUPPRESS)  # bench_trl's child process
     a = p.parse_args(argv)
+    only = set(a.only.split(","))
+    if not only <= set(SECTIONS):
+        p.error(f"--only takes sections of {', '.join(SECTIONS)}; got {a.only!r}")
     if a.memory:
         import memory
         result = memory.report()
@@ -273,7 +359,8 @@ def main(argv=None):
     # CPU-sized ones
     B, P, C = (64, 128, 256) if big else ((4, 16, 8) if a.quick else (16, 32, 32))
     N, T = (64, 384) if big else ((4, 32) if a.quick else (16, 64))
-    sB, sG, sC, sSteps = (8, 8, 256, 6) if big else ((2, 2, 4, 4) if a.quick else (8, 8, 16, 6))
+    # whole steps: 2 warm-up steps, then (meta every 4) 10 plain and 3 meta steps
+    sB, sG, sC, sSteps = (8, 8, 256, 15) if big else ((2, 2, 4, 4) if a.quick else (8, 8, 16, 15))
     say = lambda line: print(line, flush=True)
     with tempfile.TemporaryDirectory(prefix="amft-bench-model-") as folder:
         if big:  # written once; every run below loads this folder (the pretrained recipe)
@@ -284,23 +371,34 @@ def main(argv=None):
         model, tok = policy.load_policy(model_name, dtype=dtype, device=device)
         model.eval()
         n_params = sum(p.numel() for p in model.parameters())
-        say(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; "
-            f"torch {torch.__version__}; "
-            f"model: {'random-0.5b' if big else 'tiny'} ({n_params / 1e6:.1f} M params)")
+        import transformers
+        result = {"device": torch.cuda.get_device_name() if cuda else "cpu",
+                  "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
+                  "model": f"{'random-0.5b' if big else 'tiny'} ({n_params / 1e6:.1f} M params)"}
+        say(f"device: {result['device']}; {result['versions']}; model: {result['model']}")
+        if a.profile:
+            result["profile"] = profile_decode(model, tok, device, B, P, min(C, 64))
+            result["table"] = profile_table(result["profile"])
+            print(result["table"])
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(result, f, indent=1)
+            return result
         samplers = ["generate", "loop"] + (["compiled"] if cuda or a.compile else [])
-        result = {"decode": bench_decode(model, tok, device, B, P, C, samplers)}
-        say(f"decode: {result['decode']}")
-        result["agreement"] = {f"{s}{' greedy' if g else ''}": v
-                               for (s, g), v in sampler_agreement(device, samplers).items()}
-        say(f"samplers: {result['agreement']}")
+        if "decode" in only:
+            result["decode"] = bench_decode(model, tok, device, B, P, C, samplers)
+            say(f"decode: {result['decode']}")
+            result["agreement"] = {f"{s}{' greedy' if g else ''}": v
+                                   for (s, g), v in sampler_agreement(device, samplers).items()}
+            say(f"samplers: {result['agreement']}")
         grid = [(8, True), (8, False), (16, False), (32, False)] if big else [(N // 2, True)]
         result["train"] = []
-        for micro, ckpt in grid:
+        for micro, ckpt in grid if "train" in only else []:
             tokens_s, tflops, peak = bench_train(model, device, N, T, micro, ckpt)
             result["train"].append((f"{dtype}".split(".")[1], micro, ckpt, tokens_s, tflops, peak))
             say(f"train: {result['train'][-1]}")
         del model
-        if big:  # the recipe's precision: float32 weights and AdamW, bfloat16 autocast
+        if big and "train" in only:  # the recipe's precision: float32 weights and AdamW, autocast
             model, _ = policy.load_policy(folder, device=device, amp=True)
             for micro, ckpt in [(16, True), (16, False)]:
                 result["train"].append(("float32 + amp", micro, ckpt,
@@ -309,13 +407,15 @@ def main(argv=None):
             del model
         if cuda:
             torch.cuda.empty_cache()
-        try:
-            result["steps"] = bench_steps(model_name, device, sSteps, sB, sG, sC,
-                                          "compiled" if cuda else "generate",
-                                          RUNS if big or not a.quick else RUNS[:2])
-        except Exception as e:  # the other rows still print
-            result["steps"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        say(f"steps: {result['steps']}")
+        if "steps" in only:
+            try:
+                result["steps"] = bench_steps(model_name, device, sSteps, sB, sG, sC,
+                                              "compiled" if cuda else "generate",
+                                              RUNS if big or not a.quick else RUNS[:2],
+                                              meta_every=2 if a.quick else 4)
+            except Exception as e:  # the other rows still print
+                result["steps"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            say(f"steps: {result['steps']}")
         if cuda:
             torch.cuda.empty_cache()  # what our runs cached, free for TRL's process
         result["memory"] = bench_memory_quick() if a.quick else None
@@ -335,35 +435,38 @@ def main(argv=None):
 
 
 def table(r, B, P, C, N, T, sB, sG, sC, cuda) -> str:
-    base = r["decode"][0][1]
-    lines = ["| what | value | vs baseline |", "|---|---|---|"]
-    lines += [f"| {name}, B={B}, prompt {P}, {C} new | {ms:.2f} ms/step, {tps:,.0f} tok/s"
-              + (f", same tokens {same:.0%}" if same is not None and name != "decode generate"
-                 else "")
-              + f" | {base / ms:.2f}x generate |" for name, ms, tps, same in r["decode"]]
-    lines.append("| samplers = generate (tiny, float32, ragged prompts; sampled / greedy) | "
-                 + ", ".join(f"{k} {v:.0%}" for k, v in r["agreement"].items()
-                             if not k.startswith("generate")) + " | |")
+    lines = [f"| what ({r['device']}; {r['versions']}) | value | vs baseline |", "|---|---|---|"]
+    if "decode" in r:
+        base = r["decode"][0][1]
+        lines += [f"| {name}, B={B}, prompt {P}, {C} new | {ms:.2f} ms/step, {tps:,.0f} tok/s"
+                  + (f", same tokens {same:.0%}" if same is not None else "")
+                  + f" | {base / ms:.2f}x generate |" for name, ms, tps, same in r["decode"]]
+        lines.append("| tokens = generate's (tiny, float32, ragged prompts, same seed) | "
+                     + ", ".join(f"{k} {v:.0%}" for k, v in r["agreement"].items()
+                                 if not k.startswith("generate")) + " | |")
     for dtype, micro, ckpt, tokens_s, tflops, peak in r["train"]:
         memory = f", peak {peak:.1f} GiB" if cuda else ""
         lines.append(f"| train fwd+bwd+AdamW, {N} x {T} tokens, {dtype}, micro-batch {micro}, "
                      f"grad ckpt {'on' if ckpt else 'off'} "
                      f"| {tokens_s:,.0f} tok/s, {tflops:.2f} TFLOP/s{memory} | |")
-    if "error" in r["steps"]:
-        lines.append(f"| steps | failed: {r['steps']['error']} | |")
-        r = dict(r, steps={})
-    fixed = r["steps"].get("fixed-mix", {}).get("plain")
+    steps = r.get("steps", {})
+    if "error" in steps:
+        lines.append(f"| steps | failed: {steps['error']} | |")
+        steps = {}
+    fixed = steps.get("fixed-mix", {}).get("plain")
     where = "max allocated" if cuda else "peak RSS"
-    for label, s in r["steps"].items():
+    for label, s in steps.items():
         phases = ", ".join(f"{k} {v:.2f}" for k, v in s["phases"].items() if v is not None)
         memory = f"; peak {s['peak_gib']:.1f} GiB {where} ({s['bytes_per_param']:.0f} B/param)"
         if label == "fixed-mix":
-            lines.append(f"| step: fixed-mix, B={sB} x G={sG} x {sC} new | "
-                         f"{fixed:.3f} s ({phases}){memory} | 1.00x fixed-mix |")
+            lines.append(f"| step: fixed-mix, B={sB} x G={sG} x {sC} new, median of "
+                         f"{s['n_plain']} | {fixed:.3f} s ({phases}){memory} | 1.00x fixed-mix |")
             continue
         for K in (1, 20):
             t = s["meta"] if K == 1 else (s["plain"] * (K - 1) + s["meta"]) / K
-            lines.append(f"| step: {label}, meta every {K if K > 1 else 'step'} | {t:.3f} s"
+            what = ("meta step, median of {n_meta}" if K == 1 else
+                    "meta every 20, from {n_plain} plain and {n_meta} meta steps").format(**s)
+            lines.append(f"| step: {label}, {what} | {t:.3f} s"
                          + (f" ({phases}){memory}" if K == 1 else "")
                          + f" | {t / fixed:.2f}x fixed-mix |")
     if r["memory"] is not None:
@@ -375,7 +478,7 @@ def table(r, B, P, C, N, T, sB, sG, sC, cuda) -> str:
     elif "error" in trl:
         lines.append(f"| TRL GRPOTrainer | failed: {trl['error']} | |")
     else:
-        amft = r["steps"].get("amft first-order")
+        amft = steps.get("amft first-order")
         ratio = ("amft (meta every 20) "
                  f"{trl['seconds'] / ((amft['plain'] * 19 + amft['meta']) / 20):.1f}x faster"
                  if amft else "")

@@ -349,13 +349,35 @@ def test_bench_quick_prints_every_row():
     assert tokens_s > 0 and tflops > 0 and ckpt
     assert set(result["steps"]) == {"fixed-mix", "amft first-order"}
     fixed, amft = result["steps"]["fixed-mix"], result["steps"]["amft first-order"]
+    # after 2 warm-up steps, steps 3 and 4: amft's meta-gradient every 2 steps
     assert (fixed["meta"] is None and fixed["phases"]["meta"] is None
-            and amft["meta"] > 0 and amft["phases"]["meta"] > 0)
-    assert all(v > 0 for k, v in amft["phases"].items()) and 0 < fixed["plain"] < amft["meta"]
+            and (fixed["n_plain"], fixed["n_meta"]) == (2, 0)
+            and (amft["n_plain"], amft["n_meta"]) == (1, 1))
+    assert all(v > 0 for k, v in amft["phases"].items()) and fixed["plain"] > 0
+    assert (amft["phases"]["meta rollouts"] + amft["phases"]["U backward"]
+            == pytest.approx(amft["phases"]["meta"], abs=2e-4))
     assert ("x fixed-mix" in result["table"] and "x generate" in result["table"]
-            and "meta every 20" in result["table"])
+            and "meta every 20, from 1 plain and 1 meta steps" in result["table"]
+            and result["table"].startswith(f"| what (cpu; torch {torch.__version__}"))
     # the replayed step (memory.py)
     assert 0 < result["memory"] < 2**30 and "MiB of live tensors" in result["table"]
+
+
+def test_bench_profiles_the_compiled_decode_step():
+    # what a GPU session runs first (bench.py --profile), here on the CPU: no CUDA graphs, but
+    # dynamo's guards and the compiled region are there to count, and no graph break
+    import bench
+    r = bench.main(["--profile", "--quick"])["profile"]
+    assert (r["B"], r["C"]) == (4, 8) and r["wall_ms"] > 0
+    assert 0 < r["guards_ms"] < r["compiled_regions_ms"] < r["wall_ms"]
+    assert r["graphs"]["unique_graphs"] >= 1 and not r["graph_breaks"]
+    assert r["graph_launch_ms"] == 0 and "aten::linear" in r["eager_ops"]  # the eager prefill
+
+
+def test_bench_refuses_unknown_sections():
+    import bench
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "decode,nope"])
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,8 @@ from settings import RECIPES, Config, UsageError, check, parse_args, resolve  # 
 
 # None where not computed
 METRICS = ("entropy", "reward_mean", "reward_std", "sft_loss", "rl_loss", "frac_zero_std",
-           "seconds_rollout", "seconds_rl", "seconds_sft", "seconds_meta")
+           "seconds_rollout", "seconds_rl", "seconds_sft", "seconds_meta",
+           "seconds_meta_rollout")
 
 
 class TrainingError(RuntimeError):
@@ -136,11 +137,10 @@ def rl_backward(model, ref_model, roll, A, cfg, shaped=False, demos=None, A_demo
     return parallel.sum_scalars(out)  # the shares add up
 
 
-def meta_gradient(model, tok, rows, *, params, g_rl, g_sft, mu, alpha, cfg, eos):
-    """dU/dmu on fresh validation rollouts from pi_theta (dU_dmu). Returns dU/dmu (None when it
-    is silent: every validation group's rewards are equal) and the validation reward."""
-    # this process's validation prompts
-    roll, r = rollouts(model, tok, parallel.strided(rows), cfg, eos)
+def meta_gradient(model, roll, r, *, params, g_rl, g_sft, mu, alpha, cfg):
+    """dU/dmu (dU_dmu) on fresh validation rollouts from pi_theta and their rewards r (B_val, G).
+    Returns dU/dmu (None when it is silent: every validation group's rewards are equal) and the
+    validation reward."""
     A = amft.group_advantages(r)[0].flatten()  # (B_val * G,)
     N = parallel.total(len(roll.texts))
     reward = parallel.total(r.sum().item()) / N
@@ -454,10 +454,14 @@ class Trainer:
             _, val_rng, val_stream = run.streams
             val = val_rng.sample(run.splits["val"], min(cfg.val_prompts, len(run.splits["val"])))
             with checkpoint.torch_stream(val_stream):
+                # this process's validation prompts
+                roll, r = rollouts(run.model, run.tok, parallel.strided(val), cfg, run.eos)
+                m["seconds_meta_rollout"] = lap()
                 dU, m["val_reward"] = meta_gradient(
-                    run.model, run.tok, val, params=self.params, g_rl=g_rl, g_sft=g_sft,
-                    mu=controller.mu, alpha=cfg.meta_alpha or cfg.lr, cfg=cfg, eos=run.eos)
-            m["seconds_meta"] = lap()
+                    run.model, roll, r, params=self.params, g_rl=g_rl, g_sft=g_sft,
+                    mu=controller.mu, alpha=cfg.meta_alpha or cfg.lr, cfg=cfg)
+            # the whole meta phase: validation rollouts and U's backward
+            m["seconds_meta"] = round(m["seconds_meta_rollout"] + lap(), 4)
         m.update(controller.update(H, dU, finite, silent=due and dU is None))
 
     def optimizer_step(self, now, H, g_rl, g_sft, finite, m):
