@@ -32,6 +32,7 @@ Rows of the table:
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import statistics
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -218,13 +220,20 @@ def bench_steps(model_name, device, steps, B, G, C, sampler, runs=RUNS, meta_eve
     """Whole train.py runs at the model's recipe, dU/dmu every `meta_every` steps. Per run, after
     the first two steps (which compile and warm caches): the median seconds of a plain step and of
     a meta step and how many of each, the median seconds of each phase (the meta phase also split
-    into its validation rollouts and U's backward, in micro-batches), and the peak memory."""
+    into its validation rollouts and U's backward, in micro-batches), and the peak memory. A
+    model with random weights solves nothing: every reward would be 0, every meta-gradient silent
+    and U's backward never run. So every other completion is scored 1 here: each group's rewards
+    differ, and each step does the work of a real one."""
+    import data
+    counter = itertools.count()
+    alternating = lambda row, text, verifier="builtin": float(next(counter) % 2)
     out = {}
     for label, method, meta_grad in runs:
         with tempfile.TemporaryDirectory(prefix="amft-bench-") as tmp:
             run_dir = os.path.join(tmp, "run")
             with contextlib.redirect_stdout(io.StringIO()), \
-                    contextlib.redirect_stderr(io.StringIO()):  # only the table
+                    contextlib.redirect_stderr(io.StringIO()), \
+                    mock.patch.object(data, "reward", alternating):  # only the table
                 summary = train.main(train.Config(
                     model=model_name, method=method, steps=steps, warmup=0, batch_size=B,
                     group_size=G, max_new_tokens=C, meta_every=meta_every, meta_grad=meta_grad,

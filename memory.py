@@ -167,7 +167,7 @@ def _rollout(model, rows, P, C, cfg, tracker):
         decode(decoder, ids, attn, C, cfg.temperature, eos=[0], pad=0)
     tracker.answer = 0
     if compiled:
-        cache = policy._static_caches[decoder][1]
+        cache = list(policy._static_caches[decoder].values())[-1]  # this call's
         tracker.tag([t for layer in cache.layers for t in (layer.keys, layer.values)], "KV cache")
     completions = torch.randint(0, V, (rows, C))
     return policy.Rollout(ids, attn, completions, torch.ones(rows, C), [""] * rows)

@@ -330,23 +330,29 @@ def _generate(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy):
     return out[:, ids.shape[1]:]                                      # (B*G, C)
 
 
-# model -> ((batch, length), StaticCache): freed with the model
+# model -> {(batch, length): StaticCache}, the most recent few: freed with the model
 _static_caches = weakref.WeakKeyDictionary()
+STATIC_CACHES_KEPT = 4
 # model -> its bfloat16 decoding copy (--amp, compiled sampler)
 _bf16_copies = weakref.WeakKeyDictionary()
 
 
 def static_cache(model, batch: int, length: int):
     """A zeroed StaticCache for `batch` rows of `length` positions, the same tensors from call to
-    call while the shape holds: a CUDA graph reads the cache at fixed addresses, so a new cache
-    each call would mean recording the graph again each call."""
+    call for each shape: a CUDA graph reads the cache at fixed addresses, so a new cache would
+    mean recording the graph again. One per shape, up to STATIC_CACHES_KEPT of the most recent,
+    so the training rollouts, the meta-gradient's validation rollouts and the evaluations can
+    take turns, each replaying its own graph."""
     from transformers import StaticCache
-    held = _static_caches.get(model)
-    if held is None or held[0] != (batch, length):
-        held = (batch, length), StaticCache(config=model.config, max_cache_len=length)
-        _static_caches[model] = held
-    held[1].reset()
-    return held[1]
+    held = _static_caches.setdefault(model, {})
+    cache = held.pop((batch, length), None)
+    if cache is None:
+        cache = StaticCache(config=model.config, max_cache_len=length)
+    held[batch, length] = cache  # the most recent last
+    while len(held) > STATIC_CACHES_KEPT:
+        held.pop(next(iter(held)))
+    cache.reset()
+    return cache
 
 
 @torch.no_grad()

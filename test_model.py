@@ -207,6 +207,19 @@ def test_compiled_sampler_draws_from_the_distribution_the_logprobs_score(warm_pa
         assert within == should_match, (tau, counts[top].tolist(), p.sum(0).tolist())
 
 
+def test_static_caches_are_kept_per_shape_for_their_graphs(tiny_path):
+    # training rollouts, validation rollouts and evaluation take turns: each shape keeps its own
+    # cache (a CUDA graph reads it at fixed addresses), the most recent STATIC_CACHES_KEPT of them
+    model, _ = policy.load_policy(tiny_path)
+    train = policy.static_cache(model, 64, 576)
+    assert policy.static_cache(model, 16, 320) is not train
+    assert policy.static_cache(model, 64, 576) is train
+    for batch in range(1, policy.STATIC_CACHES_KEPT + 1):
+        policy.static_cache(model, batch, 64)
+    assert policy.static_cache(model, 64, 576) is not train  # the oldest went
+    assert len(policy._static_caches[model]) == policy.STATIC_CACHES_KEPT
+
+
 def test_the_bfloat16_decoding_copy_follows_the_weights_and_dies_with_the_model(tiny_path):
     import gc
     import weakref
