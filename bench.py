@@ -143,9 +143,9 @@ def profile_decode(model, tok, device, B, P, C):
     ms = lambda us: us / 1e3 / C  # profiler microseconds -> ms per decode step
     events = prof.events()
     host = lambda match: ms(sum(e.cpu_time_total for e in events if match(e.name)))
-    top_eager = {}
+    top_eager, syncs = {}, ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero")
     for e in events:  # eager ops called from Python, not from inside compiled code
-        if e.cpu_parent is None and e.name.startswith("aten::"):
+        if e.cpu_parent is None and e.name.startswith("aten::") and e.name not in syncs:
             top_eager[e.name] = top_eager.get(e.name, 0.0) + ms(e.cpu_time_total)
     device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events
                     if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -156,12 +156,16 @@ def profile_decode(model, tok, device, B, P, C):
         compiled_regions_ms=host(lambda n: n.startswith("Torch-Compiled Region")),
         graph_launch_ms=host(lambda n: n == "cudaGraphLaunch"),
         prefill_ms=host(lambda n: n == "prefill") if prefill else None,
+        # a tensor's value read on the host (has every row ended?): the host waits for the device
+        sync_ms=host(lambda n: n in syncs),
         eager_ops_ms=sum(top_eager.values()),
         eager_ops=dict(sorted(top_eager.items(), key=lambda kv: -kv[1])[:10]),
-        graphs=dict(counters["stats"]), graph_breaks=dict(counters["graph_break"]))
-    # Python, syncs, and what the profiler's own bookkeeping adds
-    r["rest_ms"] = r["wall_ms"] - r["compiled_regions_ms"] - r["eager_ops_ms"] - (
-        r["prefill_ms"] or 0)
+        graphs=dict(counters["stats"]), graph_breaks=dict(counters["graph_break"]),
+        cudagraphs={k: v for k, v in counters["inductor"].items() if "cudagraph" in k})
+    # Python, and what the profiler's own bookkeeping adds (guard checks run before, not inside,
+    # a compiled region)
+    r["rest_ms"] = (r["wall_ms"] - r["guards_ms"] - r["compiled_regions_ms"] - r["sync_ms"]
+                    - r["eager_ops_ms"] - (r["prefill_ms"] or 0))
     return r
 
 
@@ -171,17 +175,20 @@ def profile_table(r) -> str:
              f"| wall clock | {r['wall_ms']:.3f} |",
              f"| device busy (kernels) | {r['device_ms']:.3f} |",
              f"| host: dynamo guards (TorchDynamo Cache Lookup) | {r['guards_ms']:.3f} |",
-             f"| host: compiled regions (Torch-Compiled Region, guards and launches inside) "
+             f"| host: compiled regions (Torch-Compiled Region, graph launches inside) "
              f"| {r['compiled_regions_ms']:.3f} |",
              f"| host: CUDA-graph launches (cudaGraphLaunch) | {r['graph_launch_ms']:.3f} |",
              "| host: the prompts' prefill, eager, once per rollout | "
              + (f"{r['prefill_ms']:.3f} |" if r["prefill_ms"] is not None
                 else "in the ops below |"),
+             f"| host: waiting on the device to read a value (the end check) "
+             f"| {r['sync_ms']:.3f} |",
              f"| host: other eager ops outside compiled code | {r['eager_ops_ms']:.3f} |"]
     lines += [f"| &nbsp; {name} | {v:.3f} |" for name, v in r["eager_ops"].items()]
-    lines.append("| host: the rest (Python, syncs, the profiler's own cost) | "
+    lines.append("| host: the rest (Python, the profiler's own cost) | "
                  f"{r['rest_ms']:.3f} |")
-    lines.append(f"dynamo: {r['graphs']}; graph breaks: {r['graph_breaks'] or 'none'}")
+    lines.append(f"dynamo: {r['graphs']}; graph breaks: {r['graph_breaks'] or 'none'}; "
+                 f"CUDA graphs: {r['cudagraphs'] or 'none'}")
     return "\n".join(lines)
 
 

@@ -452,8 +452,21 @@ def compiled_step():
     """_decode_step through torch.compile, built once per process, the draw inside the graph.
     The model is an argument, not captured, so nothing here keeps a model alive, and a new model
     of the same shape and dtype reuses the compiled code (its CUDA graph is recorded again for
-    the new weights). dynamic=False: one graph per batch and cache length, never a symbolic one."""
+    the new weights). dynamic=False: one graph per batch size, cache length, temperature and
+    greedy flag, each specialised; a run meets several (training and validation rollouts,
+    evaluation batches), so a new one compiles under RECOMPILES rather than dynamo's default
+    limit of 8, past which it would fall back to eager code."""
     return torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
+
+
+RECOMPILES = 64
+
+
+def _more_recompiles():
+    """dynamo's limit on compiled variants of one function raised to RECOMPILES, for a block."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: RECOMPILES})
 
 
 def decode_compiled(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=False):
@@ -465,6 +478,8 @@ def decode_compiled(model, ids, attn, max_new_tokens, temperature, eos, pad, gre
     by another draw (see draw), so not the same tokens for a seed."""
     B, P = ids.shape
     C = max_new_tokens
+    if C == 0:
+        return ids.new_empty(B, 0)
     cache = static_cache(model, B, P + C)
     mask = torch.cat([attn, attn.new_ones(B, C)], 1)                           # (B, P+C)
     logits = _prefill(model, ids, attn, cache, mask)
@@ -481,8 +496,10 @@ def decode_compiled(model, ids, attn, max_new_tokens, temperature, eos, pad, gre
             break
         # the last step's outputs were copied out: the graph may overwrite its output buffers
         torch.compiler.cudagraph_mark_step_begin()
-        new = step(model, token, done, position, cache_position, mask, cache, eos_t, kv,
-                   temperature, greedy, pad)
+        # the first step looks the graph up (and compiles a new shape); the others find it
+        with _more_recompiles() if t == 1 else contextlib.nullcontext():
+            new = step(model, token, done, position, cache_position, mask, cache, eos_t, kv,
+                       temperature, greedy, pad)
         token, done, position, cache_position = (x.clone() for x in new)
         out[:, t] = token
     # the columns after the last row ended hold only pad

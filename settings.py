@@ -144,9 +144,9 @@ class Config:
     eval_batch: int = arg(None, "prompts per generate call when evaluating")
     sampler: str = arg("auto",
                        "rollouts and evaluation: generate (transformers) | loop (our decode loop, "
-                       "the same samples) | compiled (static cache + torch.compile + CUDA graphs: "
-                       "4.4x generate on an H100, see bench.py) | auto (compiled on CUDA, else "
-                       "generate)")
+                       "the same samples) | compiled (static cache + torch.compile + CUDA graphs, "
+                       "the draw inside the graph: generate's distribution, other samples; see "
+                       "bench.py) | auto (compiled on CUDA, else generate)")
     pass_k: int = arg(0,
                       "also report pass@k from k samples per test prompt at --temperature; 0 = off")
     save_every: int = arg(200,

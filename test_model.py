@@ -156,22 +156,51 @@ def test_decode_loop_draws_the_same_tokens_as_generate(tiny_path, greedy):
             and outs["generate"].texts == outs["loop"].texts)
 
 
-def test_compiled_sampler_ends_rows_and_trims_like_generate(tiny_path):
+# the compiled sampler's tests run on a GPU too where there is one (CUDA graphs)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_draw_samples_the_softmax_at_its_temperature(compiled, device):
+    # the Gumbel-max draw against its distribution: 100,000 rows of 4 categories; chi-square (3
+    # degrees of freedom) under 16.3 (p = 0.001) at the temperature asked, far above it for a
+    # temperature 10% off; fresh random numbers at every call; greedy is the argmax
+    N, p = 100_000, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    scores = p.log().float().expand(N, 4).contiguous().to(device)
+    draw = torch.compile(policy.draw, dynamic=False) if compiled else policy.draw
+    torch.manual_seed(0)
+    for tau in (0.5, 1.0):
+        tokens = draw(scores, tau, False)
+        counts = torch.bincount(tokens.cpu(), minlength=4).double()
+        chi2 = lambda t: (((counts - N * torch.softmax(p.log() / t, 0)) ** 2)
+                          / (N * torch.softmax(p.log() / t, 0))).sum().item()
+        assert chi2(tau) < 16.3 and chi2(1.1 * tau) > 100, (tau, counts.tolist())
+    # two calls agree on a row with probability sum p^2 = 0.365 when their numbers are fresh
+    assert 0.3 < (draw(scores, 1.0, False) != tokens).float().mean().item() < 0.7
+    assert (draw(scores, 1.0, True) == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_sampler_decodes_generates_greedy_tokens_and_trims(warm_path, tiny_path, device):
     # its own path: a static cache reused across calls, prompts padded to a 64-column bucket (and
-    # trimmed again), the end of all rows checked every 8 steps (and the pad-only steps trimmed);
-    # greedy, it decodes generate's tokens (float32: no rounding to tell them apart)
-    model, tok = policy.load_policy(tiny_path)
-    prompts = ["cards 3 J 5; J,Q,K=10; make 10: ", "ab", "make"]
-    ends = list(range(3, 33))  # a third of the vocabulary ends a row
-    torch.manual_seed(3)
-    g = policy.sample(model, tok, prompts, G=4, max_new_tokens=40, eos=ends, greedy=True)
+    # trimmed again), positions and cache positions at every step: greedy, on a trained model
+    # whose next token depends on them, 40 tokens with no end are generate's tokens (float32)
+    model, tok = policy.load_policy(warm_path, device=device)
+    prompts = ["4 3 3; J,Q,K=10; 10=", "ab", "K Q 9 8 7 ; J,Q,K=11,12,13; 24="]
+    never = [len(tok) + 5]
+    g = policy.sample(model, tok, prompts, G=2, max_new_tokens=40, eos=never, greedy=True)
     for _ in range(2):  # the second call reuses the cache and the graph
-        c = policy.sample(model, tok, prompts, G=4, max_new_tokens=40, eos=ends, greedy=True,
+        c = policy.sample(model, tok, prompts, G=2, max_new_tokens=40, eos=never, greedy=True,
                           sampler="compiled")
         assert (torch.equal(g.completions, c.completions) and torch.equal(g.mask, c.mask)
                 and g.texts == c.texts)
         assert torch.equal(g.prompt_ids, c.prompt_ids) and torch.equal(g.prompt_mask, c.prompt_mask)
-    for seed in range(2):  # sampled: rows end at different steps, the last within the 40
+    assert len(set(g.texts)) > 1  # the prompts lead to different completions
+    # rows end at different steps (checked every 8), the last within the 40: trimmed after it
+    model, tok = policy.load_policy(tiny_path, device=device)
+    ends = list(range(3, 33))  # a third of the vocabulary ends a row
+    for seed in range(2):
         torch.manual_seed(seed)
         c = policy.sample(model, tok, prompts, G=4, max_new_tokens=40, eos=ends,
                           sampler="compiled")
@@ -181,30 +210,44 @@ def test_compiled_sampler_ends_rows_and_trims_like_generate(tiny_path):
         assert (after_end == tok.pad_token_id).all() and len(after_end) > 0
 
 
-def test_compiled_sampler_draws_from_the_distribution_the_logprobs_score(warm_path):
-    # the compiled sampler draws by the Gumbel-max trick, not generate's multinomial: 2000 rows
-    # at tau = 0.5 from a trained model (a peaked distribution); the second tokens come out of
-    # the compiled graph. Their frequencies match exp(log-probs at tau = 0.5) given each row's
-    # first token, and not the log-probs at tau = 1
-    model, tok = policy.load_policy(warm_path)
-    model.eval()
-    prompt, N = "4 3 3; J,Q,K=10; 10=", 2000
-    torch.manual_seed(0)
-    roll = policy.sample(model, tok, [prompt], G=N, temperature=0.5, max_new_tokens=2,
-                         eos=[len(tok) + 5], sampler="compiled")
-    assert roll.completions.shape == (N, 2)
-    second = roll.completions[:, 1]
-    counts = torch.bincount(second, minlength=len(tok)).double()
-    top = counts.argsort(descending=True)[:4]
-    assert counts[top[1]] > 50  # several tokens are likely: a test of frequencies, not an argmax
-    ids = torch.cat([roll.prompt_ids, roll.completions[:, :1]], 1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_sampler_draws_fresh_numbers_at_every_step(tiny_path, device):
+    # every logit 0: each token uniform over the vocabulary, whatever came before. Random numbers
+    # reused from step to step (or call to call, as a replayed graph could) would repeat tokens
+    model, tok = policy.load_policy(tiny_path, device=device)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].double()
-    for tau, should_match in ((0.5, True), (1.0, False)):
-        p = torch.softmax(logits / tau, -1)[:, top]  # (N, 4): each row's own probabilities
-        sigma = (p * (1 - p)).sum(0).sqrt()
-        within = ((counts[top] - p.sum(0)).abs() < 5 * sigma + 2).all().item()
-        assert within == should_match, (tau, counts[top].tolist(), p.sum(0).tolist())
+        model.lm_head.weight.zero_()
+    V, never = model.config.vocab_size, [model.config.vocab_size + 5]
+    torch.manual_seed(0)
+    first, second = (policy.sample(model, tok, ["ab"], G=256, max_new_tokens=12, eos=never,
+                                   sampler="compiled").completions.cpu() for _ in range(2))
+    assert (first[:, 1:] == first[:, :-1]).float().mean() < 3 / V  # 1 / V expected
+    assert (first == second).float().mean() < 3 / V
+    counts = torch.bincount(first.flatten(), minlength=V).double()
+    expected = first.numel() / V
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()  # V - 1 degrees of freedom
+    assert chi2 < V - 1 + 5 * (2 * (V - 1)) ** 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_sampler_draws_from_the_distribution_the_logprobs_score(warm_path, device):
+    # 500 rows x 16 tokens at tau = 0.5 from a trained model, every token but the first out of
+    # the compiled graph. Under the distribution it was drawn from, a token's log-prob has mean
+    # minus the entropy: mean(log p + H) over the 8,000 tokens is 0 within 5 standard errors at
+    # tau = 0.5 (each token scored given its own row's prefix), and not at tau = 0.6 or 1
+    model, tok = policy.load_policy(warm_path, device=device)
+    model.eval()
+    torch.manual_seed(0)
+    roll = policy.sample(model, tok, ["4 3 3; J,Q,K=10; 10="], G=500, temperature=0.5,
+                         max_new_tokens=16, eos=[len(tok) + 5], sampler="compiled")
+    assert roll.completions.shape == (500, 16)
+    for tau, should_match in ((0.5, True), (0.6, False), (1.0, False)):
+        with torch.no_grad():
+            logp, H = policy.token_logprobs(model, roll.ids, roll.attn, temperature=tau,
+                                            n_last=16, with_entropy=True)
+        x = (logp + H)[:, 1:].double().flatten()  # the graph's tokens
+        z = x.mean() / (x.std() / len(x) ** 0.5)
+        assert (abs(z) < 5) == should_match, (tau, z.item())
 
 
 def test_static_caches_are_kept_per_shape_for_their_graphs(tiny_path):
