@@ -45,6 +45,7 @@ from unittest import mock
 import torch
 
 import model as policy
+import sampling
 import train
 
 
@@ -96,8 +97,8 @@ def bench_decode(model, tok, device, B, P, C, samplers):
         def run():
             torch.manual_seed(0)
             with stance():
-                drawn[name] = policy.sample(model, tok, prompts, G=1, max_new_tokens=C, eos=never,
-                                            sampler=sampler).completions
+                drawn[name] = sampling.sample(model, tok, prompts, G=1, max_new_tokens=C, eos=never,
+                                              sampler=sampler).completions
         seconds = timed(run, device, repeat=2)
         same = ((drawn[name] == drawn["generate"]).float().mean().item() if sampler == "loop"
                 else None)
@@ -116,18 +117,18 @@ def profile_decode(model, tok, device, B, P, C):
     """torch.profiler over one rollout of the compiled sampler (B rows, prompts of P tokens, C new
     tokens; after two warm-up calls): wall, host and device milliseconds per decode step, the
     host's time by cause (dynamo's guards, the compiled regions, CUDA-graph launches, eager ops
-    outside compiled code, by name; the prompts' prefill apart where model.py names it), and
+    outside compiled code, by name; the prompts' prefill apart where sampling.py names it), and
     dynamo's graph and graph-break counts."""
     from torch.profiler import ProfilerActivity, profile
     prompts = ["x" * (P - 1)] * B
     never = [model.config.vocab_size]
-    run = lambda: policy.sample(model, tok, prompts, G=1, max_new_tokens=C, eos=never,
-                                sampler="compiled")
+    run = lambda: sampling.sample(model, tok, prompts, G=1, max_new_tokens=C, eos=never,
+                                  sampler="compiled")
     run()
     run()
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    prefill = getattr(policy, "_prefill", None)  # named in the trace, where model.py has one
+    prefill = getattr(sampling, "_prefill", None)  # named in the trace, where there is one
 
     def named_prefill(*args, **kwargs):
         with torch.profiler.record_function("prefill"):
@@ -135,7 +136,7 @@ def profile_decode(model, tok, device, B, P, C):
     sync(device)
     t = time.perf_counter()
     with profile(activities=activities) as prof, (
-            mock.patch.object(policy, "_prefill", named_prefill) if prefill
+            mock.patch.object(sampling, "_prefill", named_prefill) if prefill
             else contextlib.nullcontext()):
         run()
         sync(device)
@@ -206,9 +207,9 @@ def sampler_agreement(device, samplers, G=4, C=24):
             if sampler == "compiled" and not greedy:
                 continue
             torch.manual_seed(7)
-            drawn[sampler] = policy.sample(model, tok, prompts, G=G, max_new_tokens=C,
-                                           greedy=greedy, eos=[len(tok) + 9],
-                                           sampler=sampler).completions
+            drawn[sampler] = sampling.sample(model, tok, prompts, G=G, max_new_tokens=C,
+                                             greedy=greedy, eos=[len(tok) + 9],
+                                             sampler=sampler).completions
             agree[sampler, greedy] = (drawn[sampler] == drawn["generate"]).float().mean().item()
     return agree
 

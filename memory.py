@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 import amft
 import model as policy
+import sampling
 import train
 
 KINDS = ("weights", "AdamW", "g_RL", "g_SFT", "grad U", "bf16 copy", "KL reference", "KV cache",
@@ -159,18 +160,19 @@ def _rollout(model, rows, P, C, cfg, tracker):
     ids = torch.randint(0, V, (rows, P))
     attn = torch.ones_like(ids)
     compiled = cfg.sampler == "compiled"
-    decoder = policy.bf16_copy(model) if compiled and getattr(model, "amp", False) else model
+    decoder = sampling.bf16_copy(model) if compiled and getattr(model, "amp", False) else model
     tracker.tag(decoder.parameters() if decoder is not model else [], "bf16 copy")
     tracker.answer = compiled  # "has every row ended?" yes, at the first time of asking
-    decode = policy.decode_compiled if compiled else policy.decode_loop
-    with mock.patch.object(policy, "compiled_step", lambda: policy._decode_step), torch.no_grad():
+    decode = sampling.decode_compiled if compiled else sampling.decode_loop
+    with mock.patch.object(sampling, "compiled_step", lambda: sampling._decode_step), \
+            torch.no_grad():
         decode(decoder, ids, attn, C, cfg.temperature, eos=[0], pad=0)
     tracker.answer = 0
     if compiled:
-        cache = list(policy._static_caches[decoder].values())[-1]  # this call's
+        cache = list(sampling._static_caches[decoder].values())[-1]  # this call's
         tracker.tag([t for layer in cache.layers for t in (layer.keys, layer.values)], "KV cache")
     completions = torch.randint(0, V, (rows, C))
-    return policy.Rollout(ids, attn, completions, torch.ones(rows, C), [""] * rows)
+    return sampling.Rollout(ids, attn, completions, torch.ones(rows, C), [""] * rows)
 
 
 def step_memory(shape: dict, cfg: train.Config, prompt_tokens: int = 160,

@@ -6,8 +6,8 @@ apart, as a small table for a person.
 import torch
 
 import data
-import model as policy
 import parallel
+import sampling
 
 
 def score(texts, rows, G, verifier):
@@ -30,12 +30,12 @@ def evaluate(model, tok, rows, cfg, eos, k=0) -> dict:
         n = len(chunk)  # a process with fewer rows scores a stand-in row and counts none of it
         chunk = chunk or rows[:1]
         prompts = [r["prompt"] for r in chunk]
-        greedy = policy.sample(model, tok, prompts, G=1, max_new_tokens=cfg.max_new_tokens,
-                               greedy=True, eos=eos, sampler=cfg.sampler)
+        greedy = sampling.sample(model, tok, prompts, G=1, max_new_tokens=cfg.max_new_tokens,
+                                 greedy=True, eos=eos, sampler=cfg.sampler)
         hits += score(greedy.texts, chunk, 1, cfg.verifier)[:n].sum().item()
         if k:
-            drawn = policy.sample(model, tok, prompts, G=k, temperature=cfg.temperature,
-                                  max_new_tokens=cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
+            drawn = sampling.sample(model, tok, prompts, G=k, temperature=cfg.temperature,
+                                    max_new_tokens=cfg.max_new_tokens, eos=eos, sampler=cfg.sampler)
             hits_k += (score(drawn.texts, chunk, k,
                              cfg.verifier)[:n].max(1).values == 1).sum().item()
     model.train()

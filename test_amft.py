@@ -17,6 +17,7 @@ import torch
 
 import amft
 import model as policy
+import sampling
 
 
 # ------------------------------------------------------------ GRPO and the baselines' losses
@@ -246,7 +247,7 @@ def _meta_setup(model, tok, seed=0, n_val=6, G=3):
     logp_demo = policy.token_logprobs(model, demo.ids, demo.attn, n_last=demo.mask.shape[1])
     g_sft = dict(zip(params, torch.autograd.grad(amft.sft_loss(logp_demo, demo.mask),
                                                  list(params.values()))))
-    roll = policy.sample(model, tok, ["make 3: ", "make 2: "], G=G, max_new_tokens=5)
+    roll = sampling.sample(model, tok, ["make 3: ", "make 2: "], G=G, max_new_tokens=5)
     C, N = roll.mask.shape[1], len(roll.texts)
     gen = torch.Generator().manual_seed(seed)
     A_rl, A_val = (torch.randn(N, generator=gen, dtype=torch.float64),

@@ -11,6 +11,7 @@ import torch
 
 import memory
 import model as policy
+import sampling
 import train
 
 
@@ -83,7 +84,7 @@ def test_the_replay_of_a_step_agrees_with_the_real_loop_phase_by_phase(tmp_path,
     if precision != "float32, generate":
         kw.update(amp=True, sampler="compiled", beta=0.1)
         # the same decode loop, not compiled
-        monkeypatch.setattr(policy, "compiled_step", lambda: policy._decode_step)
+        monkeypatch.setattr(sampling, "compiled_step", lambda: sampling._decode_step)
     # a reward of 1 for every other completion: groups differ, so the meta-gradient is not silent
     import itertools
     import data

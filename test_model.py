@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import model as policy
+import sampling
 
 
 def test_tokenizer_round_trip_after_reload(tiny_path):
@@ -106,7 +107,7 @@ def test_logprobs_at_temperature_are_the_distribution_sampled_from(warm_path):
     model, tok = policy.load_policy(warm_path)
     prompt, N = "4 3 3; J,Q,K=10; 10=", 2000
     torch.manual_seed(0)
-    roll = policy.sample(model, tok, [prompt], G=N, temperature=0.5, max_new_tokens=1)
+    roll = sampling.sample(model, tok, [prompt], G=N, temperature=0.5, max_new_tokens=1)
     first = roll.completions[:, 0]
     counts = torch.bincount(first, minlength=len(tok)).double() / N
     top = counts.argsort(descending=True)[:3]
@@ -132,12 +133,12 @@ def test_sampling_shapes_and_stop(tiny64):
     model, tok = tiny64
     prompts = ["cards 1 2; make 3: ", "x"]
     every_token = list(range(len(tok)))  # any token ends the completion: one token each
-    roll = policy.sample(model, tok, prompts, G=3, max_new_tokens=6, eos=every_token)
+    roll = sampling.sample(model, tok, prompts, G=3, max_new_tokens=6, eos=every_token)
     assert roll.completions.shape == (6, 1) and roll.mask.tolist() == [[1.0]] * 6
     assert (roll.ids.shape == (6, roll.prompt_ids.shape[1] + 1)
             and roll.attn[:, -1].tolist() == [1] * 6)
     never = [len(tok) + 5]  # no token ends it: all six run to max_new_tokens
-    roll = policy.sample(model, tok, prompts, G=3, max_new_tokens=6, eos=never)
+    roll = sampling.sample(model, tok, prompts, G=3, max_new_tokens=6, eos=never)
     assert (roll.completions.shape == (6, 6) and roll.mask.sum().item() == 36
             and len(roll.texts) == 6)
 
@@ -149,8 +150,8 @@ def test_decode_loop_draws_the_same_tokens_as_generate(tiny_path, greedy):
     outs = {}
     for sampler in ("generate", "loop"):
         torch.manual_seed(3)
-        outs[sampler] = policy.sample(model, tok, prompts, G=4, temperature=0.7, max_new_tokens=10,
-                                      greedy=greedy, sampler=sampler)
+        outs[sampler] = sampling.sample(model, tok, prompts, G=4, temperature=0.7,
+                                        max_new_tokens=10, greedy=greedy, sampler=sampler)
     assert torch.equal(outs["generate"].completions, outs["loop"].completions)
     assert (torch.equal(outs["generate"].mask, outs["loop"].mask)
             and outs["generate"].texts == outs["loop"].texts)
@@ -168,7 +169,7 @@ def test_draw_samples_the_softmax_at_its_temperature(compiled, device):
     # temperature 10% off; fresh random numbers at every call; greedy is the argmax
     N, p = 100_000, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
     scores = p.log().float().expand(N, 4).contiguous().to(device)
-    draw = torch.compile(policy.draw, dynamic=False) if compiled else policy.draw
+    draw = torch.compile(sampling.draw, dynamic=False) if compiled else sampling.draw
     torch.manual_seed(0)
     for tau in (0.5, 1.0):
         tokens = draw(scores, tau, False)
@@ -189,10 +190,10 @@ def test_compiled_sampler_decodes_generates_greedy_tokens_and_trims(warm_path, t
     model, tok = policy.load_policy(warm_path, device=device)
     prompts = ["4 3 3; J,Q,K=10; 10=", "ab", "K Q 9 8 7 ; J,Q,K=11,12,13; 24="]
     never = [len(tok) + 5]
-    g = policy.sample(model, tok, prompts, G=2, max_new_tokens=40, eos=never, greedy=True)
+    g = sampling.sample(model, tok, prompts, G=2, max_new_tokens=40, eos=never, greedy=True)
     for _ in range(2):  # the second call reuses the cache and the graph
-        c = policy.sample(model, tok, prompts, G=2, max_new_tokens=40, eos=never, greedy=True,
-                          sampler="compiled")
+        c = sampling.sample(model, tok, prompts, G=2, max_new_tokens=40, eos=never, greedy=True,
+                            sampler="compiled")
         assert (torch.equal(g.completions, c.completions) and torch.equal(g.mask, c.mask)
                 and g.texts == c.texts)
         assert torch.equal(g.prompt_ids, c.prompt_ids) and torch.equal(g.prompt_mask, c.prompt_mask)
@@ -202,8 +203,8 @@ def test_compiled_sampler_decodes_generates_greedy_tokens_and_trims(warm_path, t
     ends = list(range(3, 33))  # a third of the vocabulary ends a row
     for seed in range(2):
         torch.manual_seed(seed)
-        c = policy.sample(model, tok, prompts, G=4, max_new_tokens=40, eos=ends,
-                          sampler="compiled")
+        c = sampling.sample(model, tok, prompts, G=4, max_new_tokens=40, eos=ends,
+                            sampler="compiled")
         lengths = c.mask.sum(1)
         assert lengths.min() < lengths.max() == c.completions.shape[1] < 40, lengths.tolist()
         after_end = c.completions[c.mask == 0]  # every row's tokens after its end are pad
@@ -219,8 +220,8 @@ def test_compiled_sampler_draws_fresh_numbers_at_every_step(tiny_path, device):
         model.lm_head.weight.zero_()
     V, never = model.config.vocab_size, [model.config.vocab_size + 5]
     torch.manual_seed(0)
-    first, second = (policy.sample(model, tok, ["ab"], G=256, max_new_tokens=12, eos=never,
-                                   sampler="compiled").completions.cpu() for _ in range(2))
+    first, second = (sampling.sample(model, tok, ["ab"], G=256, max_new_tokens=12, eos=never,
+                                     sampler="compiled").completions.cpu() for _ in range(2))
     assert (first[:, 1:] == first[:, :-1]).float().mean() < 3 / V  # 1 / V expected
     assert (first == second).float().mean() < 3 / V
     counts = torch.bincount(first.flatten(), minlength=V).double()
@@ -238,8 +239,8 @@ def test_compiled_sampler_draws_from_the_distribution_the_logprobs_score(warm_pa
     model, tok = policy.load_policy(warm_path, device=device)
     model.eval()
     torch.manual_seed(0)
-    roll = policy.sample(model, tok, ["4 3 3; J,Q,K=10; 10="], G=500, temperature=0.5,
-                         max_new_tokens=16, eos=[len(tok) + 5], sampler="compiled")
+    roll = sampling.sample(model, tok, ["4 3 3; J,Q,K=10; 10="], G=500, temperature=0.5,
+                           max_new_tokens=16, eos=[len(tok) + 5], sampler="compiled")
     assert roll.completions.shape == (500, 16)
     for tau, should_match in ((0.5, True), (0.6, False), (1.0, False)):
         with torch.no_grad():
@@ -254,13 +255,13 @@ def test_static_caches_are_kept_per_shape_for_their_graphs(tiny_path):
     # training rollouts, validation rollouts and evaluation take turns: each shape keeps its own
     # cache (a CUDA graph reads it at fixed addresses), the most recent STATIC_CACHES_KEPT of them
     model, _ = policy.load_policy(tiny_path)
-    train = policy.static_cache(model, 64, 576)
-    assert policy.static_cache(model, 16, 320) is not train
-    assert policy.static_cache(model, 64, 576) is train
-    for batch in range(1, policy.STATIC_CACHES_KEPT + 1):
-        policy.static_cache(model, batch, 64)
-    assert policy.static_cache(model, 64, 576) is not train  # the oldest went
-    assert len(policy._static_caches[model]) == policy.STATIC_CACHES_KEPT
+    train = sampling.static_cache(model, 64, 576)
+    assert sampling.static_cache(model, 16, 320) is not train
+    assert sampling.static_cache(model, 64, 576) is train
+    for batch in range(1, sampling.STATIC_CACHES_KEPT + 1):
+        sampling.static_cache(model, batch, 64)
+    assert sampling.static_cache(model, 64, 576) is not train  # the oldest went
+    assert len(sampling._static_caches[model]) == sampling.STATIC_CACHES_KEPT
 
 
 def test_the_bfloat16_decoding_copy_follows_the_weights_and_dies_with_the_model(tiny_path):
@@ -268,7 +269,7 @@ def test_the_bfloat16_decoding_copy_follows_the_weights_and_dies_with_the_model(
     import weakref
     # --amp: the compiled sampler decodes with this copy
     model, tok = policy.load_policy(tiny_path, amp=True)
-    twin = policy.bf16_copy(model)
+    twin = sampling.bf16_copy(model)
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in twin.parameters())
     # no autocast in the copy
     assert "forward" not in twin.__dict__ and getattr(model, "amp", False) and not twin.amp
@@ -279,7 +280,7 @@ def test_the_bfloat16_decoding_copy_follows_the_weights_and_dies_with_the_model(
             p.add_(0.05 * torch.randn_like(p))
     # stale until the next call ...
     assert not any(torch.equal(a, b) for a, b in zip(twin.parameters(), bf16(model)))
-    assert policy.bf16_copy(model) is twin  # ... which refreshes the same tensors
+    assert sampling.bf16_copy(model) is twin  # ... which refreshes the same tensors
     assert all(torch.equal(a, b) for a, b in zip(twin.parameters(), bf16(model)))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     alive = weakref.ref(twin)
@@ -306,7 +307,7 @@ def test_sampling_ignores_the_checkpoints_generation_settings(tmp_path, tiny_pat
     for sampler in ("generate", "loop"):
         for greedy in (False, True):
             torch.manual_seed(5)
-            outs[sampler, greedy] = policy.sample(
+            outs[sampler, greedy] = sampling.sample(
                 model, tok, prompts, G=8, temperature=0.9, max_new_tokens=12,
                 greedy=greedy, sampler=sampler, eos=[tok.eos_token_id])
     for greedy in (False, True):

@@ -16,6 +16,7 @@ import torch
 import amft
 import data
 import model as policy
+import sampling
 import train
 
 from conftest import HERE, SMALL, WARM_TASK, run
@@ -303,8 +304,8 @@ def test_the_losses_get_every_tensor_on_the_models_device(tiny_path, method):
     train.resolve(cfg, cuda=False)
     B, G, P, C, D = 2, 2, 5, 4, 3
     rand = lambda *shape: torch.randint(3, 50, shape, device="meta")
-    roll = policy.Rollout(rand(B * G, P), torch.ones(B * G, P, dtype=torch.long, device="meta"),
-                          rand(B * G, C), torch.ones(B * G, C, device="meta"), [""] * (B * G))
+    roll = sampling.Rollout(rand(B * G, P), torch.ones(B * G, P, dtype=torch.long, device="meta"),
+                            rand(B * G, C), torch.ones(B * G, C, device="meta"), [""] * (B * G))
     demos = policy.DemoBatch(rand(B, P + D), torch.ones(B, P + D, dtype=torch.long, device="meta"),
                              torch.ones(B, D, device="meta"))
     way = amft.METHODS[method]

@@ -41,6 +41,7 @@ import amft
 import checkpoint
 import data
 import model as policy
+import sampling
 import parallel
 import plots
 import pretrain
@@ -70,9 +71,9 @@ def slices(n: int, size: int):
 def rollouts(model, tok, rows, cfg, eos):
     """G samples per row from the policy, and their rewards (B, G)."""
     model.eval()
-    roll = policy.sample(model, tok, [r["prompt"] for r in rows], G=cfg.group_size,
-                         temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, eos=eos,
-                         sampler=cfg.sampler)
+    roll = sampling.sample(model, tok, [r["prompt"] for r in rows], G=cfg.group_size,
+                           temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, eos=eos,
+                           sampler=cfg.sampler)
     model.train()
     return roll, score(roll.texts, rows, cfg.group_size, cfg.verifier)
 
