@@ -517,9 +517,10 @@ def table(r, B, P, C, N, T, sB, sG, sC, cuda) -> str:
         ratio = ("amft (meta every 20) "
                  f"{trl['seconds'] / ((amft['plain'] * 19 + amft['meta']) / 20):.1f}x faster"
                  if amft else "")
+        memory = f", peak {trl['peak_gib']:.1f} GiB" if cuda else ""
         lines.append(f"| TRL {trl['trl']} GRPOTrainer, B={sB} x G={sG} x {sC} new | "
-                     f"{trl['seconds']:.3f} s/step "
-                     f"(first {trl['first']:.1f} s), peak {trl['peak_gib']:.1f} GiB | {ratio} |")
+                     f"{trl['seconds']:.3f} s/step (first {trl['first']:.1f} s){memory} "
+                     f"| {ratio} |")
     return "\n".join(lines)
 
 
