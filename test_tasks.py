@@ -49,7 +49,8 @@ def test_verifier_hostile_input_scores_zero_fast(hostile):
     t = time.time()
     assert general_points_reward(hostile, [1, 2], 3) == 0.0
     assert parse_formula(hostile) is None
-    assert time.time() - t < 0.5
+    # bounded, not a speed target: unbounded, 9**9**9**9 would run for ever (5 s: a loaded CI)
+    assert time.time() - t < 5.0
 
 
 def test_solver_demonstrations_all_verify():
@@ -298,7 +299,7 @@ def test_math_verifier_hostile_input_scores_zero_fast(hostile):
         # bounded, never raises, and no spurious match
         assert answers_match(hostile, hostile[:-1] + "1") is False
         parse_number(normalize_answer(hostile))
-    assert time.time() - t < 1.0
+    assert time.time() - t < 5.0  # bounded: a hang would be minutes
 
 
 def test_math_verifier_hostile_truth_does_not_match_hostile_prediction():
@@ -439,7 +440,7 @@ def test_math_verify_path_hostile_input_is_bounded_and_never_raises(hostile):
     t = time.time()
     assert math_reward(hostile, "#### 1", "math-verify") == 0.0
     assert math_reward("\\boxed{1}", hostile, "math-verify") == 0.0
-    assert time.time() - t < 1.0
+    assert time.time() - t < 5.0  # bounded: a hang would be minutes
     import signal  # and the timer that bounded it is gone, the previous handler back
     assert (signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
             and signal.getsignal(signal.SIGALRM) is signal.SIG_DFL)
