@@ -172,6 +172,11 @@ class Config:
                           "last validation check (benchmarks)")
 
 
+# --help's sections, each opened by its first flag (the comments in Config)
+SECTIONS = {"model": "what to train", "steps": "budget", "lr": "optimizer and memory",
+            "eps_low": "GRPO", "mu0": "the mu controller", "eval_every": "run"}
+
+
 class UsageError(ValueError):
     """A problem with what the user asked for: reported in one line, non-zero exit."""
 
@@ -248,7 +253,10 @@ def parse_args(argv=None, description=None) -> Config:
         p = argparse.ArgumentParser(description=description,
                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                     argument_default=None if defaults else argparse.SUPPRESS)
+        group = p
         for f in dataclasses.fields(Config):
+            if f.name in SECTIONS:
+                group = p.add_argument_group(SECTIONS[f.name])
             flag, default = ("--" + f.name.replace("_", "-"),
                              (f.default if defaults else argparse.SUPPRESS))
             text = f.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
@@ -259,12 +267,12 @@ def parse_args(argv=None, description=None) -> Config:
             # --grad-ckpt / --no-grad-ckpt: either may override the recipe
             if f.type in (bool, "bool"):
                 action = argparse.BooleanOptionalAction if f.default is None else "store_true"
-                p.add_argument(flag, action=action, default=default,
-                               help=text + ("" if shown is None else f" (default: {shown})"))
+                group.add_argument(flag, action=action, default=default,
+                                   help=text + ("" if shown is None else f" (default: {shown})"))
             else:
                 kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-                p.add_argument(flag, type=kind, default=default,
-                               help=text + ("" if shown is None else f" (default: {shown})"))
+                group.add_argument(flag, type=kind, default=default,
+                                   help=text + ("" if shown is None else f" (default: {shown})"))
         return p
     cfg = Config(**vars(parser(True).parse_args(argv)))
     if cfg.resume:

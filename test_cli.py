@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import model as policy
+import settings
 import train
 
 from conftest import HERE, SMALL, WARM_TASK, run, run_cli
@@ -114,11 +115,18 @@ def test_a_run_leaves_no_handler_open_file_or_temporary_model(tmp_path, monkeypa
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "amft-tiny-*"))) == temps
 
 
-def test_help_lists_every_flag():
+def test_help_lists_every_flag_in_its_section():
     res = run_cli("--help")
     assert res.returncode == 0, res.stderr[-2000:]
+    options = res.stdout[res.stdout.index("\noptions:"):]  # after the usage line
+    # each flag in the section its field is under in Config, the sections in Config's order
+    starts = [options.index(f"\n{title}:\n") for title in settings.SECTIONS.values()]
+    assert starts == sorted(starts)
+    section = -1
     for f in train.Config.__dataclass_fields__:
-        assert "--" + f.replace("_", "-") in res.stdout
+        section += f in settings.SECTIONS
+        at = options.index("  --" + f.replace("_", "-"))
+        assert starts[section] < at < (starts + [len(options)])[section + 1], f
 
 
 @pytest.mark.parametrize("settings,message", [
