@@ -41,11 +41,11 @@ import amft
 import checkpoint
 import data
 import model as policy
-import sampling
 import parallel
 import plots
 import pretrain
 import rewards
+import sampling
 from scoring import accuracy_table, evaluate, held_out_accuracy, score  # noqa: F401 (train.*)
 # (train.Config etc.)
 from settings import RECIPES, Config, UsageError, check, parse_args, resolve  # noqa: F401
