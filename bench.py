@@ -44,6 +44,7 @@ from unittest import mock
 
 import torch
 
+import checkpoint
 import model as policy
 import sampling
 import train
@@ -396,7 +397,12 @@ def main(argv=None):
     N, T = (64, 384) if big else ((4, 32) if a.quick else (16, 64))
     # whole steps: 2 warm-up steps, then (meta every 4) 10 plain and 3 meta steps
     sB, sG, sC, sSteps = (8, 8, 256, 15) if big else ((2, 2, 4, 4) if a.quick else (8, 8, 16, 15))
-    say = lambda line: print(line, flush=True)
+    result = {}
+
+    def say(line):  # a section's figures; with --json, the file so far (kept if the run is cut)
+        print(line, flush=True)
+        if a.json:
+            checkpoint.atomic_json(result, a.json)
     with tempfile.TemporaryDirectory(prefix="amft-bench-model-") as folder:
         if big:  # written once; every run below loads this folder (the pretrained recipe)
             with policy.no_progress_bars():
@@ -407,17 +413,15 @@ def main(argv=None):
         model.eval()
         n_params = sum(p.numel() for p in model.parameters())
         import transformers
-        result = {"device": torch.cuda.get_device_name() if cuda else "cpu",
-                  "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
-                  "model": f"{'random-0.5b' if big else 'tiny'} ({n_params / 1e6:.1f} M params)"}
+        result.update(
+            device=torch.cuda.get_device_name() if cuda else "cpu",
+            versions=f"torch {torch.__version__}, transformers {transformers.__version__}",
+            model=f"{'random-0.5b' if big else 'tiny'} ({n_params / 1e6:.1f} M params)")
         say(f"device: {result['device']}; {result['versions']}; model: {result['model']}")
         if a.profile:
             result["profile"] = profile_decode(model, tok, device, B, P, min(C, 64))
             result["table"] = profile_table(result["profile"])
-            print(result["table"])
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump(result, f, indent=1)
+            say(result["table"])
             return result
         samplers = ["generate", "loop"] + (["compiled"] if cuda or a.compile else [])
         if "decode" in only:
@@ -462,10 +466,7 @@ def main(argv=None):
             say(f"torch.compile: {dict(counters['stats'])}; "
                 f"{dict((k, v) for k, v in counters['inductor'].items() if 'cudagraph' in k)}")
     result["table"] = table(result, B, P, C, N, T, sB, sG, sC, cuda)
-    print(result["table"])
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+    say(result["table"])
     return result
 
 

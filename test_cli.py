@@ -384,6 +384,16 @@ def test_bench_profiles_the_compiled_decode_step():
             and "aten::linear" not in r["eager_ops"])
 
 
+def test_bench_writes_its_json_section_by_section(tmp_path):
+    import bench
+    path = str(tmp_path / "bench.json")
+    result = bench.main(["--quick", "--only", "decode", "--json", path])
+    with open(path) as f:
+        saved = json.load(f)
+    assert saved["device"] == "cpu" and len(saved["decode"]) == 3 and "steps" not in saved
+    assert saved["table"] == result["table"] and saved["train"] == []
+
+
 def test_bench_refuses_unknown_sections():
     import bench
     with pytest.raises(SystemExit):
