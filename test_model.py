@@ -234,8 +234,8 @@ def test_compiled_sampler_draws_fresh_numbers_at_every_step(tiny_path, device):
 def test_compiled_sampler_draws_from_the_distribution_the_logprobs_score(warm_path, device):
     # 500 rows x 16 tokens at tau = 0.5 from a trained model, every token but the first out of
     # the compiled graph. Under the distribution it was drawn from, a token's log-prob has mean
-    # minus the entropy: mean(log p + H) over the 8,000 tokens is 0 within 5 standard errors at
-    # tau = 0.5 (each token scored given its own row's prefix), and not at tau = 0.6 or 1
+    # minus the entropy: mean(log p + H) over the graph's 7,500 tokens is 0 within 5 standard
+    # errors at tau = 0.5 (each token scored given its own row's prefix), not at tau = 0.6 or 1
     model, tok = policy.load_policy(warm_path, device=device)
     model.eval()
     torch.manual_seed(0)
