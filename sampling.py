@@ -150,12 +150,14 @@ def _cache_kwarg(model) -> str:
 
 
 def _prefill(model, ids, attn, cache, mask):
-    """The prompts through the model into `cache`; the last position's logits (B, 1, V)."""
+    """The prompts through the model into `cache`: the last position's logits (B, 1, V) and each
+    row's last position id (B, 1), from which the new tokens count on."""
     P = ids.shape[1]
     position = (attn.cumsum(-1) - 1).clamp(min=0)                             # (B, P)
-    return model(input_ids=ids, attention_mask=mask, position_ids=position,
-                 cache_position=torch.arange(P, device=ids.device), logits_to_keep=1,
-                 **{_cache_kwarg(model): cache}).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position,
+                   cache_position=torch.arange(P, device=ids.device), logits_to_keep=1,
+                   **{_cache_kwarg(model): cache}).logits
+    return logits, position[:, -1:]
 
 
 def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=False):
@@ -167,8 +169,8 @@ def decode_loop(model, ids, attn, max_new_tokens, temperature, eos, pad, greedy=
     B, P = ids.shape
     cache = DynamicCache(config=model.config)
     mask = torch.cat([attn, attn.new_ones(B, max_new_tokens)], 1)             # (B, P+C)
-    position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -1:]                     # (B, 1)
-    logits, kv = _prefill(model, ids, attn, cache, mask[:, :P]), _cache_kwarg(model)
+    logits, position = _prefill(model, ids, attn, cache, mask[:, :P])
+    kv = _cache_kwarg(model)
     out = ids.new_full((B, max_new_tokens), pad)                               # (B, C)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     eos_t = torch.tensor(eos, device=ids.device)
@@ -248,11 +250,11 @@ def decode_compiled(model, ids, attn, max_new_tokens, temperature, eos, pad, gre
         return ids.new_empty(B, 0)
     cache = static_cache(model, B, P + C)
     mask = torch.cat([attn, attn.new_ones(B, C)], 1)                           # (B, P+C)
-    logits = _prefill(model, ids, attn, cache, mask)
+    logits, last = _prefill(model, ids, attn, cache, mask)
     eos_t = torch.tensor(eos, device=ids.device)
     token = draw(logits[:, -1].float(), temperature, greedy)
     done = torch.isin(token, eos_t)
-    position = (attn.cumsum(-1) - 1).clamp(min=0)[:, -1:] + 1                 # (B, 1)
+    position = last + 1                                                        # (B, 1)
     cache_position = torch.full((1,), P, device=ids.device)
     out = ids.new_full((B, C), pad)                                            # (B, C)
     out[:, 0] = token
