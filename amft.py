@@ -72,6 +72,12 @@ never names. Their update is w_RL g_RL + w_SFT g_SFT (`loss_weights`):
    computed over all G+1, and its tokens use the shaped objective f(p) = p / (p + 0.1), unclipped.
 10. Warm-up: amft, its ablations, fixed-mix and sft-grpo (whose first stage it is) start with
    W SFT-only steps; sft, grpo, srft and luffy start from the base model, as in their papers.
+11. The warm-up's budget and learning rate. The authors run their W warm-up steps before their
+   main steps, at the main lr (1e-6 in their config). Here --steps counts the warm-up, which has
+   a learning rate of its own (--warmup-lr), and the recipe for pretrained models follows
+   published small-model runs (SFT 2e-5 or 1e-5, then 5e-6 with 16 prompts x 8 samples on GSM8K),
+   not the authors' config: no published run of a model of 1.5B or less learns at 1e-6 with 8
+   prompts per step (docs/real-models.md gives each value's source).
 """
 import contextlib
 import dataclasses

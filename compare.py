@@ -171,7 +171,8 @@ def main(argv=None):
     p.add_argument("--model", default="tiny-base",
                    help="the model every run starts from (default: the tiny base)")
     p.add_argument("--recipe", default="auto",
-                   help="train.py's --recipe (auto: tiny for tiny and tiny-base, else pretrained)")
+                   help="train.py's --recipe (auto: tiny for tiny and tiny-base, instruct for an "
+                   "instruction model, else pretrained)")
     p.add_argument("--target", default=None,
                    help="General Points target(s), as train.py --target (default: the tiny "
                    "recipe's 6-15)")

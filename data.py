@@ -23,23 +23,16 @@ to the OOD rule; `--demo formula` gives the formula alone.
 A local file can stand in for the built-in hands: `--task hands.jsonl` with one row per hand,
 {"cards": ["3", "J", "5"]}: it is read with `datasets`.
 
-Math (all through `datasets`, from the hub or a local .jsonl/.json/.parquet of the same schema):
-  gsm8k   openai/gsm8k "main": question / answer; the worked answer (calculator annotations
-          removed, "#### N" turned into "The final answer is \boxed{N}.") is the demonstration.
-  math500 HuggingFaceH4/MATH-500: problem / solution / answer (500 rows, split 80/20).
-  openr1  Elliott/Openr1-Math-46k-8192 (LUFFY): chat `prompt`, `target`, reward_model.ground_truth.
-  FILE    any of these schemas, or generic rows {"prompt", "answer", "demo"}.
-Prompts ask for the final answer in \boxed{}.
+Math tasks and benchmarks (GSM8K, MATH, OpenR1; MATH-500, AIME, AMC, Minerva, OlympiadBench) are
+in math_tasks.py; `load_task` takes them by name too.
 """
-import contextlib
 import itertools
-import json
 import os
 import random
 import re
-import sys
 from fractions import Fraction
 
+import math_tasks
 import rewards
 
 RANKS = ["A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K"]
@@ -236,176 +229,29 @@ def has_face(row) -> bool:
     return bool(set(FACE_VALUES["ood"]) & set(row["cards"]))
 
 
-# ---------------------------------------------------------------------------- math tasks
-HUB = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", None),
-       "openr1": ("Elliott/Openr1-Math-46k-8192", None)}
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-def _text(x) -> str:
-    """A chat message list (OpenR1's `prompt` and `target`) or a string, as plain text."""
-    if isinstance(x, list):
-        turns = [m.get("content", "") for m in x
-                 if isinstance(m, dict) and m.get("role") != "system"]
-        return str(turns[-1]) if turns else ""
-    return "" if x is None else str(x)
-
-
-def math_row(ex: dict):
-    """{"prompt", "demo", "answer"} from one example of a known schema, or None.
-    gsm8k: question / answer ('... #### 72'); MATH-500: problem / solution / answer;
-    OpenR1 (LUFFY): prompt / target / reward_model.ground_truth; generic: prompt / answer /
-    demo."""
-    if "question" in ex and "####" in str(ex.get("answer", "")):
-        work, _, answer = str(ex["answer"]).rpartition("####")
-        work = re.sub(r"<<[^>]*>>", "", work).strip()  # GSM8K's calculator annotations
-        answer = answer.strip()
-        problem, demo = ex["question"], f"{work}\nThe final answer is \\boxed{{{answer}}}."
-    elif "problem" in ex and "answer" in ex:
-        problem, demo, answer = ex["problem"], ex.get("solution"), ex["answer"]
-    elif "prompt" in ex and isinstance(ex.get("reward_model"), dict):
-        problem, demo, answer = (_text(ex["prompt"]), _text(ex.get("target")) or None,
-                                 ex["reward_model"].get("ground_truth"))
-    elif "prompt" in ex and "answer" in ex:
-        problem, demo, answer = ex["prompt"], ex.get("demo"), ex["answer"]
-    else:
-        return None
-    if not problem or answer is None or str(answer).strip() == "":
-        return None
-    prompt = problem if "\\boxed" in problem else f"{problem}\n{INSTRUCTION}"
-    return {"prompt": prompt, "demo": demo or None, "answer": str(answer)}
-
-
-@contextlib.contextmanager
-def local_file_quiet(datasets):
-    """No "Generating train split" bar while `datasets` reads a local file (it says nothing there;
-    downloads keep theirs)."""
-    was = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was:
-            datasets.enable_progress_bars()
-
-
-def check_json_file(path: str):
-    """Read a .jsonl/.json task file ourselves before `datasets` does, so that an empty file or a
-    row that is not JSON is reported by file, row and reason in one line (ValueError)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if not text.strip():
-        raise ValueError(f"--task {path}: the file is empty")
-    if path.endswith(".jsonl"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"--task {path}: line {n} is not JSON "
-                                     f"({e.msg}, column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"--task {path}: line {n} is not a JSON object "
-                                     f"({{\"field\": value, ...}})")
-    else:
-        try:
-            json.loads(text)
-        except ValueError as e:
-            raise ValueError(f"--task {path}: not JSON "
-                             f"({e.msg}, line {e.lineno}, column {e.colno})") from None
-
-
-def why_unusable(ex: dict) -> str:
-    """Why math_row(ex) is None, in a few words."""
-    fields = sorted(k for k, v in ex.items() if v is not None)
-    if any(k in fields for k in ("question", "problem", "prompt")):
-        return ("no answer" if not any(k in fields for k in ("answer", "reward_model"))
-                else "an empty question or answer")
-    return f"its fields {fields} match no schema"
-
-
-def _load_math(task: str):
-    """A DatasetDict from a hub id (or its cache) or a local .jsonl/.json/.parquet file."""
-    import datasets  # imported here: only these loaders need it
-    if task in HUB:
-        repo, name = HUB[task]
-        from model import OFFLINE_HINT, hub_offline, hub_reachable
-        if not hub_offline() and not hub_reachable():
-            raise ValueError(f"--task {task}: cannot load {repo}: {OFFLINE_HINT}; or save it as a "
-                             f"file where there is network and pass --task path/to/{task}.jsonl")
-        try:
-            return datasets.load_dataset(repo, name)
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ValueError(f"--task {task}: cannot load {repo} from the hub or the local cache "
-                             f"({first}); save it as a file where there is network and pass "
-                             f"--task path/to/{task}.jsonl") from None
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(task)[1])
-    if kind is None:
-        raise ValueError(f"--task {task}: expected general-points, {', '.join(HUB)}, or a "
-                         ".jsonl/.json/.parquet file")
-    if kind == "json":
-        check_json_file(task)
-    try:
-        with local_file_quiet(datasets):
-            return datasets.load_dataset(kind, data_files=task)
-    except Exception as e:
-        raise ValueError(f"--task {task}: cannot read it: "
-                         f"{(str(e).strip().splitlines() or [''])[0][:200]}") from None
-
-
-def math_task(task: str, seed: int = 0, test_frac=0.2, max_val=200):
-    """Train / val / test rows. The source's test split is used when it has one; otherwise 20%
-    of the shuffled rows. Validation is 5% of train (at most max_val): the meta-gradient's U."""
-    dd = _load_math(task)
-    first = dd[list(dd)[0]]
-    rows, skipped, total = {}, [], 0
-    for name, split in dd.items():
-        rows[name] = []
-        for i, ex in enumerate(split):
-            row = math_row(ex)
-            rows[name].append(row) if row is not None else skipped.append(
-                f"{name} row {i + 1}: {why_unusable(ex)}")
-        total += len(split)
-    if skipped and any(rows.values()):  # reported, not dropped silently
-        print(f"note: --task {task}: {len(skipped)} of {total} rows skipped "
-              f"({'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''})", file=sys.stderr)
-    if not any(rows.values()):
-        raise ValueError(f"--task {task}: no usable rows; fields found: {first.column_names}; "
-                         "expected question/answer (GSM8K), problem/solution/answer (MATH), "
-                         "prompt/target/reward_model (OpenR1) or prompt/answer/demo")
-    rng = random.Random(seed)
-    if "test" in rows and len(rows) > 1:
-        test = rows.pop("test")
-        train = rows.get("train") or next(iter(rows.values()))
-    else:
-        pool = [r for split in rows.values() for r in split]
-        rng.shuffle(pool)
-        n_test = max(1, int(len(pool) * test_frac))
-        test, train = pool[:n_test], pool[n_test:]
-    train = list(train)
-    rng.shuffle(train)
-    n_val = max(1, min(max_val, len(train) // 20))
-    val, train = train[:n_val], [r for r in train[n_val:] if r["demo"]]
-    if not train:
-        raise ValueError(f"--task {task}: no training row has a demonstration "
-                         "(solution / target / demo)")
-    return {"train": train, "val": val, "test": test}
-
-
 def load_task(task: str, seed: int = 0, cards: int = 3, target=10, style: str = "compact",
-              demo: str = "reading"):
-    """Every task by name: general-points, gsm8k, math500, openr1, or a local file (a file whose
-    rows have `cards` is a General Points hand list; any other is a math dataset). `style` is the
-    General Points prompt (make_prompt)."""
+              demo: str = "reading", need_demos: bool = True, exclude=frozenset()):
+    """Every task by name: general-points, a math task (math_tasks.TRAIN), or a local file (a file
+    whose rows have `cards` is a General Points hand list; any other is a math dataset). `style`
+    is the General Points prompt (make_prompt); need_demos=False keeps math rows without a
+    demonstration (a run that only scores); a math task takes out the rows whose problem is in
+    `exclude` (math_tasks.math_task)."""
     if task == "general-points":
         return general_points(cards, target, seed, style, demo)
-    if task not in HUB and not os.path.isfile(task):
-        raise ValueError(f"--task {task}: not general-points, {', '.join(HUB)}, "
+    if task in math_tasks.TEST_ONLY:
+        raise ValueError(test_only_error(task))
+    if task not in math_tasks.TRAIN and not os.path.isfile(task):
+        raise ValueError(f"--task {task}: not general-points, {', '.join(math_tasks.TRAIN)}, "
                          "or an existing file")
-    if os.path.isfile(task) and task.endswith((".jsonl", ".json")) and _has_cards(task):
+    if os.path.isfile(task) and task.endswith((".jsonl", ".json")) and has_cards_field(task):
         return hands_from_file(task, target, seed, style, demo)
-    return math_task(task, seed)
+    return math_tasks.math_task(task, seed, need_demos=need_demos, exclude=exclude)
+
+
+def test_only_error(task: str) -> str:
+    return (f"--task {task}: {math_tasks.BENCHMARKS[task][0]} is a test set, never training data "
+            "(a model trained on it is scored on problems it learnt); train on gsm8k, math "
+            f"(MATH's train split) or openr1, and score it with --eval-tasks {task}")
 
 
 def drop_long_demos(rows, n_tokens, limit: int):
@@ -416,7 +262,7 @@ def drop_long_demos(rows, n_tokens, limit: int):
             [i for i, n in enumerate(lengths) if limit and n > limit])
 
 
-def _has_cards(path: str) -> bool:
+def has_cards_field(path: str) -> bool:
     with open(path) as f:
         head = f.read(4096)
     return '"cards"' in head
@@ -434,8 +280,8 @@ def hands_from_file(path: str, target, seed: int = 0, style: str = "compact",
                     demo: str = "reading"):
     """Splits like general_points(), but of the hands in a local .jsonl/.json file."""
     import datasets  # imported here: only this loader needs it
-    check_json_file(path)
-    with local_file_quiet(datasets):
+    math_tasks.check_json_file(path)
+    with math_tasks.local_file_quiet(datasets):
         ds = datasets.load_dataset("json", data_files=path, split="train")
     if "cards" not in ds.column_names:
         raise ValueError(f"--task {path}: rows need a 'cards' field (list of ranks), "

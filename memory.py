@@ -142,11 +142,10 @@ class LiveBytes(TorchDispatchMode):
 
 
 def recipe_config(**overrides) -> train.Config:
-    """The pretrained recipe as a CUDA run resolves it (amp, checkpointing, compiled sampler),
-    General Points with 4 cards and target 24, amft with the meta-gradient every step."""
+    """The pretrained recipe as a CUDA run resolves it (amp, checkpointing, compiled sampler,
+    GSM8K's 16 prompts x 8 samples of 512 new tokens), amft with the meta-gradient every step."""
     cfg = train.Config(model="Qwen2.5-0.5B", meta_every=1, **overrides)
     train.resolve(cfg, cuda=True)
-    cfg.max_new_tokens = cfg.max_new_tokens or train.RECIPES[cfg.recipe]["gp_new_tokens"]
     return cfg
 
 

@@ -214,16 +214,24 @@ def use_chat(tok, name: str, mode: str) -> bool:
     """Instruction models get their chat template; base models a plain prompt. 'auto' decides
     by the name (Qwen2.5 *base* tokenizers also ship a chat template)."""
     if mode == "auto":
-        return bool(tok.chat_template) and any(w in name.lower()
-                                               for w in ("instruct", "chat", "-it"))
+        return bool(tok.chat_template) and any(w in name.lower() for w in CHAT_WORDS)
     return mode == "on"
 
 
-def format_prompt(tok, text: str, chat: bool) -> str:
-    if not chat:
-        return text
-    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                   add_generation_prompt=True)
+# in a model's name: an instruction model (chat template, the instruct recipe)
+CHAT_WORDS = ("instruct", "chat", "-it")
+# a base model's prompt in words ends in a cue to answer: without one it may go on writing
+# questions of its own
+ANSWER_CUE = "Question:\n{}\nAnswer:\nLet's think step by step.\n"
+
+
+def format_prompt(tok, text: str, chat: bool, cue: bool = False) -> str:
+    """The prompt the model sees: through the chat template (chat), as a question followed by
+    an answer cue (cue: a base model and a prompt in words), or as it is (the compact prompt)."""
+    if chat:
+        return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                       add_generation_prompt=True)
+    return ANSWER_CUE.format(text) if cue else text
 
 
 def end_id(tok, chat: bool) -> int:

@@ -14,45 +14,67 @@ from dataclasses import dataclass, field
 
 import amft
 import data
+import math_tasks
+import model as policy
+import rewards
 
 
 def arg(default, help):
     return field(default=default, metadata={"help": help})
 
 
-# Settings left unset (None) come from the model's recipe: the tiny model trains from random
-# weights (or from the tiny base) and needs a large lr, a long warm-up and a compact prompt; a
-# pretrained model (any hub id, alias or folder) gets the paper's settings (lr 1e-6, warm-up 50,
-# K = 20) and the task in plain words. Every flag given explicitly wins; config.json keeps the
-# resolved values.
+# Settings left unset (None) come from the model's recipe. The tiny model trains from random
+# weights (or from the tiny base) on General Points and needs a large lr, a long warm-up and a
+# compact prompt. A pretrained model trains on GSM8K, the one task with published single-GPU
+# runs of 0.5B models (docs/real-models.md gives each value's source): an SFT warm-up at its own
+# lr (--warmup-lr), then the mixed phase at 5e-6 with 16 prompts x 8 samples, 512 new tokens,
+# K = 20, no KL. A base model needs a longer warm-up to learn the answer format and when to stop
+# than an instruction model does. --steps counts the warm-up (one budget, one progress bar):
+# 100 + 600 and 20 + 600. Every flag given explicitly wins; config.json keeps the resolved values.
+_PRETRAINED = dict(task="gsm8k", batch_size=16, group_size=8, gp_new_tokens=256,
+                   max_demo_tokens=1024, lr=5e-6, micro_batch=16, grad_ckpt=True, amp="on CUDA",
+                   meta_every=20, cards=4, target="24", prompt="plain", eval_batch=64)
 RECIPES = {
-    "tiny": dict(steps=700, warmup=450, batch_size=16, group_size=4, gp_new_tokens=24,
-                 max_demo_tokens=128, lr=1e-3, micro_batch=0,
-                 grad_ckpt=False, amp=False, meta_every=10, cards=3, target="6-15",
-                 prompt="compact", eval_batch=64),
-    "pretrained": dict(steps=500, warmup=50, batch_size=8, group_size=8, gp_new_tokens=256,
-                       max_demo_tokens=1024, lr=1e-6, micro_batch=16,
-                       grad_ckpt=True, amp="on CUDA", meta_every=20, cards=4, target="24",
-                       prompt="plain", eval_batch=32),
+    "tiny": dict(task="general-points", steps=700, warmup=450, batch_size=16, group_size=4,
+                 gp_new_tokens=24, max_demo_tokens=128, lr=1e-3, micro_batch=0, grad_ckpt=False,
+                 amp=False, meta_every=10, cards=3, target="6-15", prompt="compact",
+                 eval_batch=64),
+    "pretrained": dict(_PRETRAINED, steps=700, warmup=100, warmup_lr=2e-5),  # a base model
+    "instruct": dict(_PRETRAINED, steps=620, warmup=20, warmup_lr=1e-5),
 }
+def is_instruct(name: str) -> bool:
+    return any(w in name.lower() for w in policy.CHAT_WORDS)
 
 
 def resolve(cfg, cuda: bool) -> str:
-    """Fill every setting left unset from the recipe (--recipe, or by --model: 'tiny' gets the
-    tiny recipe, anything else the pretrained one). Returns the recipe's name."""
-    name = (cfg.recipe if cfg.recipe != "auto"
-            else ("tiny" if cfg.model in ("tiny", "tiny-base") else "pretrained"))
+    """Fill every setting left unset from the recipe (--recipe, or by --model: 'tiny' and
+    'tiny-base' get the tiny recipe, an instruction model by its name the instruct one, anything
+    else the pretrained one). Returns the recipe's name."""
+    name = cfg.recipe
+    if name == "auto":
+        name = ("tiny" if cfg.model in ("tiny", "tiny-base")
+                else "instruct" if is_instruct(cfg.model) else "pretrained")
     if name not in RECIPES:
-        raise UsageError(f"--recipe must be auto, {' or '.join(RECIPES)}")
+        raise UsageError(f"--recipe must be auto, {', '.join(RECIPES)}")
     on_cuda = {"on CUDA": cuda}
     for key, value in RECIPES[name].items():
         if key != "gp_new_tokens" and getattr(cfg, key) is None:
             setattr(cfg, key, on_cuda.get(value, value) if isinstance(value, str) else value)
+    if cfg.warmup_lr is None:  # the tiny recipe: one lr throughout
+        cfg.warmup_lr = cfg.lr
+    if not cfg.max_new_tokens:
+        cfg.max_new_tokens = RECIPES[name]["gp_new_tokens"] if is_general_points(cfg.task) else 512
     if cfg.sampler == "auto":
         # compiling pays on a GPU; on a CPU it costs more than it saves
         cfg.sampler = "compiled" if cuda and not cfg.fsdp else "generate"
     cfg.recipe = name
     return name
+
+
+def is_general_points(task: str) -> bool:
+    """The built-in task, or a file of hands (rows with `cards`)."""
+    return task == "general-points" or (os.path.isfile(task) and task.endswith((".jsonl", ".json"))
+                                        and data.has_cards_field(task))
 
 
 @dataclass
@@ -64,12 +86,14 @@ class Config:
                      "with random weights), 'random-0.5b' (Qwen2.5-0.5B's shape, random), a hub "
                      "id, an alias like Qwen2.5-0.5B, or a folder")
     method: str = arg("amft", f"one of {', '.join(amft.METHODS)}")
-    task: str = arg("general-points",
-                    "general-points | gsm8k | math500 | openr1 | a .jsonl/.json/.parquet file "
-                    "(see data.py)")
+    task: str = arg(None,
+                    "training data: general-points | gsm8k | math (MATH's train split) | openr1 "
+                    "| a .jsonl/.json/.parquet file (see data.py, math_tasks.py); test sets "
+                    "(math500, aime24, ...) go to --eval-tasks")
     recipe: str = arg("auto",
-                      "defaults for every setting left unset: tiny | pretrained | auto ('tiny' "
-                      "for --model tiny, else 'pretrained')")
+                      "defaults for every setting left unset: tiny | pretrained (a base model) | "
+                      "instruct | auto ('tiny' for tiny and tiny-base, 'instruct' for a name with "
+                      "instruct, chat or -it, else 'pretrained')")
     cards: int = arg(None, "General Points: cards per hand (the paper's: 4)")
     target: str = arg(None,
                       "General Points: the value the formula must reach: 24 (the paper's), a "
@@ -103,7 +127,11 @@ class Config:
                                "so no data file can run the SFT batch out of memory; 0 = no limit")
     temperature: float = arg(1.0, "sampling temperature; log-probs use the same one")
     # optimizer and memory
-    lr: float = arg(None, "AdamW learning rate")
+    lr: float = arg(None, "AdamW learning rate (the mixed phase; every step of a method without a "
+                    "warm-up)")
+    warmup_lr: float = arg(None,
+                           "AdamW learning rate of the SFT-only warm-up (default: the recipe's; "
+                           "the tiny recipe: --lr)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the mixed gradient to this norm")
     micro_batch: int = arg(None,
@@ -165,8 +193,19 @@ class Config:
     resume: str = arg("",
                       "a run folder to continue from its checkpoint; flags given now override its "
                       "config")
+    eval_tasks: str = arg("",
+                          "benchmarks scored whole before and after training, comma-separated: "
+                          "gsm8k (its test split), math500, aime24, amc23, minerva, olympiadbench, "
+                          "a .jsonl/.json/.parquet file (question and answer per row), or "
+                          "NAME=FILE (a benchmark saved as a file); no training row may hold one "
+                          "of their problems (such rows are dropped). Default: the training "
+                          "task's test split")
+    print_config: bool = arg(False,
+                             "print the resolved settings as JSON and exit (loads no model and no "
+                             "data)")
     eval_only: bool = arg(False,
-                          "only evaluate --model on --task's test split(s) and write summary.json")
+                          "only evaluate --model (on --eval-tasks, else on --task's test "
+                          "split(s)) and write summary.json")
     skip_test: bool = arg(False,
                           "skip the test-split evaluations before and after training, and the "
                           "last validation check (benchmarks)")
@@ -211,16 +250,16 @@ def check(cfg: Config):
         (0 <= cfg.H_target_ema <= 1, "--H-target-ema must be in [0, 1]"),
         (cfg.group_size >= 2,
          "--group-size (G) must be at least 2: advantages compare samples of one prompt"),
-        (cfg.steps >= 1 and cfg.batch_size >= 1 and cfg.max_new_tokens >= 0,
-         "--steps and --batch-size must be >= 1"),
-        (min(cfg.warmup, cfg.micro_batch, cfg.pass_k, cfg.save_every, cfg.lora_r,
-             cfg.max_demo_tokens) >= 0,
-         "counts must be >= 0"),
-        (min(cfg.meta_every, cfg.eval_every, cfg.val_prompts, cfg.eval_batch,
-             cfg.max_bad_steps) >= 1,
-         "--meta-every, --eval-every, --val-prompts, --eval-batch, --max-bad-steps must be >= 1"),
-        (0 < cfg.temperature < math.inf and 0 < cfg.lr < math.inf,
-         "--temperature and --lr must be finite and > 0"),
+        *[(getattr(cfg, k) >= 1, f"{flag(k)} must be >= 1")
+          for k in ("steps", "batch_size", "meta_every", "eval_every", "val_prompts", "eval_batch",
+                    "max_bad_steps")],
+        *[(getattr(cfg, k) >= 0, f"{flag(k)} must be >= 0")
+          for k in ("max_new_tokens", "warmup", "micro_batch", "pass_k", "save_every", "lora_r",
+                    "max_demo_tokens")],
+        *[(0 < getattr(cfg, k) < math.inf, f"{flag(k)} must be finite and > 0")
+          for k in ("temperature", "lr", "warmup_lr")],
+        (cfg.task not in math_tasks.TEST_ONLY,
+         data.test_only_error(cfg.task) if cfg.task in math_tasks.TEST_ONLY else ""),
         (1 <= cfg.cards <= 5, "--cards must be between 1 and 5"),
         (cfg.eval_only or cfg.batch_size % int(os.environ.get("WORLD_SIZE", "1")) == 0,
          f"--batch-size {cfg.batch_size} must be a multiple of the "
@@ -239,11 +278,47 @@ def check(cfg: Config):
             raise UsageError(message)
     try:
         data.parse_targets(cfg.target)
+        for spec in eval_task_list(cfg):
+            math_tasks.check_benchmark(spec)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if cfg.out and os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.resume:
         raise UsageError(f"--out {cfg.out} exists and is not empty; choose a new folder "
                          "(or --resume it)")
+
+
+def settle(cfg: Config) -> tuple:
+    """The device (auto: cuda when present) and every setting resolved and checked, before
+    anything is loaded: (device, the recipe's name). UsageError for what cannot run."""
+    import torch
+    device = (("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+              else cfg.device)
+    recipe = resolve(cfg, cuda=device.startswith("cuda"))
+    check(cfg)
+    try:
+        # config.json and summary.json say which
+        cfg.verifier = rewards.resolve_verifier(cfg.verifier)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return device, recipe
+
+
+def print_config(cfg: Config) -> dict:
+    """--print-config: the settings as a run would resolve them, as JSON, from no model and no
+    data (chat 'auto' is decided by the tokenizer, at load time)."""
+    settle(cfg)
+    resolved = dataclasses.asdict(cfg)
+    print(json.dumps(resolved, indent=1))
+    return resolved
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def eval_task_list(cfg) -> list:
+    """--eval-tasks as a list of entries (empty: the training task's test split)."""
+    return [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()]
 
 
 def parse_args(argv=None, description=None) -> Config:
@@ -260,8 +335,8 @@ def parse_args(argv=None, description=None) -> Config:
             flag, default = ("--" + f.name.replace("_", "-"),
                              (f.default if defaults else argparse.SUPPRESS))
             text = f.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
-            shown = (f"tiny {RECIPES['tiny'][f.name]}, pretrained {RECIPES['pretrained'][f.name]}"
-                     if f.name in RECIPES["tiny"] else f.default)
+            by_recipe = [f"{r} {v[f.name]}" for r, v in RECIPES.items() if f.name in v]
+            shown = ", ".join(by_recipe) if by_recipe else f.default
             if "(default" in text:  # the help says it in words already
                 shown = None
             # --grad-ckpt / --no-grad-ckpt: either may override the recipe

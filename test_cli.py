@@ -136,7 +136,18 @@ def test_help_lists_every_flag_in_its_section():
     (dict(eta_meta=-0.1), "must be finite and >= 0"),
     (dict(eta_H=-1.0), "must be finite and >= 0"),
     (dict(meta_alpha=-1e-3), "must be finite and >= 0"),
-    (dict(max_bad_steps=0), "must be >= 1"),
+    (dict(max_bad_steps=0), "--max-bad-steps must be >= 1"),
+    # each check names its own flag
+    (dict(max_new_tokens=-5), "^--max-new-tokens must be >= 0$"),
+    (dict(steps=0), "^--steps must be >= 1$"),
+    (dict(batch_size=0), "^--batch-size must be >= 1$"),
+    (dict(micro_batch=-1), "^--micro-batch must be >= 0$"),
+    (dict(warmup_lr=0.0), "^--warmup-lr must be finite and > 0$"),
+    # a test set is never training data
+    (dict(task="math500"), "--task math500: HuggingFaceH4/MATH-500 is a test set"),
+    (dict(task="aime24"), "--eval-tasks aime24"),
+    (dict(eval_tasks="gsm8k,nope"), "--eval-tasks nope: not one of"),
+    (dict(eval_tasks="aime24=/no/such.jsonl"), "NAME=FILE needs a name and an existing file"),
     (dict(eta_H=math.inf), "must be finite"),
     (dict(H_target=math.inf), "--H-target"),
     (dict(lr=math.inf), "--lr must be finite"),
@@ -427,28 +438,52 @@ def instruct_path(tmp_path_factory):
     return str(path)
 
 
-def test_a_pretrained_model_resolves_to_the_pretrained_recipe(instruct_path):
+def test_a_pretrained_model_resolves_to_its_recipe(instruct_path):
     cfg = train.parse_args(["--model", instruct_path])
-    assert train.resolve(cfg, cuda=False) == "pretrained"
-    assert ((cfg.lr, cfg.warmup, cfg.meta_every, cfg.cards, cfg.target, cfg.prompt)
-            == (1e-6, 50, 20, 4, "24", "plain"))
-    assert ((cfg.micro_batch, cfg.dtype, cfg.grad_ckpt, cfg.amp, cfg.group_size, cfg.sampler)
-            == (16, "float32", True, False, 8, "generate"))
-    # the headline command, on a GPU: mixed precision, compiled sampler
+    assert train.resolve(cfg, cuda=False) == "instruct"  # by its name: Tiny-Instruct
+    assert ((cfg.task, cfg.lr, cfg.warmup_lr, cfg.warmup, cfg.steps, cfg.meta_every,
+             cfg.max_new_tokens, cfg.beta)
+            == ("gsm8k", 5e-6, 1e-5, 20, 620, 20, 512, 0.0))
+    assert ((cfg.micro_batch, cfg.dtype, cfg.grad_ckpt, cfg.amp, cfg.batch_size, cfg.group_size,
+             cfg.sampler) == (16, "float32", True, False, 16, 8, "generate"))
+    # the headline command, on a GPU: a base model's recipe, mixed precision, compiled sampler
     cfg = train.parse_args(["--model", "Qwen2.5-0.5B"])
     train.resolve(cfg, cuda=True)
-    assert ((cfg.recipe, cfg.lr, cfg.dtype, cfg.amp, cfg.grad_ckpt, cfg.sampler)
-            == ("pretrained", 1e-6, "float32", True, True, "compiled"))
+    assert ((cfg.recipe, cfg.task, cfg.lr, cfg.warmup_lr, cfg.warmup, cfg.steps, cfg.dtype,
+             cfg.amp, cfg.grad_ckpt, cfg.sampler)
+            == ("pretrained", "gsm8k", 5e-6, 2e-5, 100, 700, "float32", True, True, "compiled"))
     cfg = train.parse_args(["--model", "Qwen2.5-0.5B", "--sampler", "loop"])
     train.resolve(cfg, cuda=True)
     assert cfg.sampler == "loop"
     cfg = train.parse_args(["--model", "Qwen2.5-0.5B", "--lr", "3e-6", "--no-grad-ckpt",
-                            "--cards", "3"])
+                            "--task", "general-points", "--cards", "3"])
     train.resolve(cfg, cuda=True)  # every explicit flag wins
-    assert (cfg.lr, cfg.grad_ckpt, cfg.cards, cfg.target) == (3e-6, False, 3, "24")
+    assert ((cfg.lr, cfg.warmup_lr, cfg.grad_ckpt, cfg.cards, cfg.target, cfg.prompt,
+             cfg.max_new_tokens) == (3e-6, 2e-5, False, 3, "24", "plain", 256))
     cfg = train.parse_args([])
     assert (train.resolve(cfg, cuda=True) == "tiny"
-            and (cfg.lr, cfg.dtype, cfg.prompt, cfg.steps) == (1e-3, "float32", "compact", 700))
+            and (cfg.task, cfg.lr, cfg.warmup_lr, cfg.dtype, cfg.prompt, cfg.steps,
+                 cfg.max_new_tokens) == ("general-points", 1e-3, 1e-3, "float32", "compact", 700,
+                                         24))
+    cfg = train.parse_args(["--lr", "5e-4"])  # the tiny recipe's warm-up follows --lr
+    train.resolve(cfg, cuda=False)
+    assert cfg.warmup_lr == 5e-4
+
+
+def test_print_config_shows_the_recipe_offline_and_loads_nothing():
+    res = run_cli("--model", "Qwen2.5-0.5B", "--print-config", timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    shown = json.loads(res.stdout)
+    assert ((shown["recipe"], shown["task"], shown["lr"], shown["warmup_lr"], shown["warmup"],
+             shown["steps"], shown["batch_size"], shown["group_size"], shown["max_new_tokens"],
+             shown["meta_every"], shown["beta"])
+            == ("pretrained", "gsm8k", 5e-6, 2e-5, 100, 700, 16, 8, 512, 20, 0.0))
+    # no hub model and no dataset is reachable here: had it tried, it would have failed
+    assert "Loading" not in res.stderr and not os.path.exists(os.path.join(HERE, "runs", "x"))
+    res = run_cli("--model", "Qwen2.5-0.5B-Instruct", "--warmup-lr", "3e-5", "--print-config",
+                  timeout=120)
+    shown = json.loads(res.stdout)
+    assert (shown["recipe"], shown["warmup"], shown["warmup_lr"]) == ("instruct", 20, 3e-5)
 
 
 def test_a_pretrained_like_checkpoint_trains_evaluates_and_resumes(tmp_path, instruct_path, capsys):
@@ -463,10 +498,11 @@ def test_a_pretrained_like_checkpoint_trains_evaluates_and_resumes(tmp_path, ins
               "--meta-every", "1"]
     # in this process
     train.main(train.parse_args(["--model", instruct_path, *budget, "--out", str(out)]))
-    assert "recipe: pretrained" in capsys.readouterr().out
+    assert "recipe: instruct" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
-    assert ((config["recipe"], config["lr"], config["prompt"], config["micro_batch"],
-             config["target"]) == ("pretrained", 1e-6, "plain", 16, "24"))
+    assert ((config["recipe"], config["lr"], config["warmup_lr"], config["prompt"],
+             config["micro_batch"], config["target"])
+            == ("instruct", 5e-6, 1e-5, "plain", 16, "24"))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert ([m["phase"] for m in lines] == ["warmup", "main", "main"]
             and lines[1]["rl_loss"] is not None)
@@ -550,7 +586,9 @@ def test_a_run_from_before_the_split_by_problem_is_not_resumed_and_is_scored_wit
     run_dir = tmp_path / "old"
     (run_dir / "checkpoint").mkdir(parents=True)
     (run_dir / "checkpoint" / "trainer_state.pt").write_bytes(b"")
-    old = {k: v for k, v in dataclasses.asdict(train.Config(target="10")).items() if k != "demo"}
+    old = {k: v for k, v in dataclasses.asdict(train.Config(target="10",
+                                                            task="general-points")).items()
+           if k != "demo"}
     (run_dir / "config.json").write_text(json.dumps(old))
     with pytest.raises(SystemExit, match="predates the split of General Points by problem"):
         train.parse_args(["--resume", str(run_dir)])

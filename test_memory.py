@@ -78,8 +78,8 @@ def test_the_replay_of_a_step_agrees_with_the_real_loop_phase_by_phase(tmp_path,
                  intermediate_size=256, vocab_size=20000, tie_word_embeddings=True)
     path = policy.make_tiny_model(str(tmp_path / "m"), n_layer=1, n_embd=64, n_head=2,
                                   vocab_size=20000, max_len=512)
-    kw = dict(recipe="pretrained", steps=2, warmup=1, batch_size=2, group_size=2,
-              max_new_tokens=32, micro_batch=4, meta_every=1, meta_grad="autograd",
+    kw = dict(recipe="pretrained", task="general-points", steps=2, warmup=1, batch_size=2,
+              group_size=2, max_new_tokens=32, micro_batch=4, meta_every=1, meta_grad="autograd",
               val_prompts=2, skip_test=True, device="cpu", save_every=0)
     if precision != "float32, generate":
         kw.update(amp=True, sampler="compiled", beta=0.1)

@@ -312,7 +312,8 @@ def test_math_verifier_hostile_truth_does_not_match_hostile_prediction():
 def test_math_tasks_load_from_local_files_in_each_schema(math_files):
     for name, path in math_files.items():
         splits = data.load_task(path, seed=0)
-        assert set(splits) == {"train", "val", "test"} and all(splits.values()), name
+        assert set(splits) == {"train", "val", "test", "overlap"}, name
+        assert all(splits[s] for s in ("train", "val", "test")) and not splits["overlap"], name
         assert splits == data.load_task(path, seed=0)  # deterministic
         train_q = {r["prompt"] for r in splits["train"]}
         assert not train_q & {r["prompt"] for r in splits["test"]}

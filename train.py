@@ -4,8 +4,10 @@ framework.
 
     python train.py                          # tiny Qwen2 on General Points, CPU, minutes
     python train.py --method sft             # a baseline (see --help for all nine methods)
-    python train.py --model Qwen2.5-0.5B     # a pretrained model: the paper's recipe, 4 cards / 24
-    python train.py --model Qwen2.5-0.5B-Instruct --task gsm8k   # math, through the chat template
+    python train.py --model Qwen2.5-0.5B     # a pretrained model on GSM8K (docs/real-models.md)
+    python train.py --model Qwen2.5-0.5B-Instruct   # the same, through the chat template
+    python train.py --model Qwen2.5-0.5B --print-config     # the resolved settings, offline
+    python train.py --model Qwen2.5-0.5B --eval-tasks gsm8k,math500,aime24 --pass-k 16
     python train.py --resume runs/amft-...   # continue a stopped run exactly
     python train.py --eval-only --model runs/amft-.../model --pass-k 8
     python train.py --help                   # every flag, generated from settings.Config
@@ -40,15 +42,16 @@ from tqdm import tqdm
 import amft
 import checkpoint
 import data
+import math_tasks
 import model as policy
 import parallel
 import plots
 import pretrain
-import rewards
 import sampling
 from scoring import accuracy_table, evaluate, held_out_accuracy, score  # noqa: F401 (train.*)
 # (train.Config etc.)
-from settings import RECIPES, Config, UsageError, check, parse_args, resolve  # noqa: F401
+from settings import (RECIPES, Config, UsageError, eval_task_list,  # noqa: F401
+                      parse_args, print_config, resolve, settle)
 
 
 # None where not computed
@@ -168,13 +171,13 @@ def dU_dmu(model, roll, A, N, *, params, g_rl, g_sft, mu, alpha, cfg):
     return parallel.reduced_by_fsdp(parallel.total(dU))
 
 
-def next_rows(train_rows, state, rng, B, tok, chat):
+def next_rows(train_rows, state, rng, B, tok, chat, cue=False):
     """B training rows: epochs over the rows in a random order, each hand with its cards in a
     fresh random order (data.reshuffle), prompts formatted for the model."""
     while len(state["order"]) < B:  # a small task's epoch can be shorter than a batch
         state["order"] += rng.sample(range(len(train_rows)), len(train_rows))
     rows = [data.reshuffle(train_rows[state["order"].pop()], rng) for _ in range(B)]
-    return [dict(r, prompt=policy.format_prompt(tok, r["prompt"], chat)) for r in rows]
+    return [dict(r, prompt=policy.format_prompt(tok, r["prompt"], chat, cue)) for r in rows]
 
 
 def demo_rewards(rows, method, verifier):
@@ -238,7 +241,9 @@ class Run:
     model: torch.nn.Module
     tok: object
     splits: dict
+    benchmarks: dict     # --eval-tasks: {name: rows}, each scored whole
     chat: bool
+    cue: bool            # a prompt in words to a base model ends in an answer cue
     eos: list            # token ids that end a completion
     end: int             # the token a demonstration ends with
     device: str
@@ -249,24 +254,27 @@ class Run:
     t_start: float
 
 
+def load_benchmarks(specs) -> dict:
+    """{name: rows} of the --eval-tasks entries; two of one name are refused."""
+    benchmarks = {}
+    for spec in specs:
+        name, rows = math_tasks.load_benchmark(spec)
+        if name in benchmarks:
+            raise ValueError(f"--eval-tasks: two entries are named {name}; name one NAME=FILE")
+        benchmarks[name] = rows
+    return benchmarks
+
+
 def setup(cfg: Config) -> Run:
     """Check the settings, load the model and the task, create the output folder: a Run."""
     t_start = time.time()
-    device = (("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
-              else cfg.device)
+    device, recipe = settle(cfg)
     device = parallel.device_of_rank(device)  # under torchrun: 'cuda' -> this process's GPU
     # an earlier run in this process (bench.py, compare.py) leaves its model in reference cycles
     gc.collect()
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # this run's peak, also when a process makes several
-    recipe = resolve(cfg, cuda=device.startswith("cuda"))
-    check(cfg)
-    try:
-        # config.json and summary.json say which
-        cfg.verifier = rewards.resolve_verifier(cfg.verifier)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     method = amft.METHODS[cfg.method]
     torch.manual_seed(cfg.seed)                     # training rollouts: torch's generator
     data_rng = random.Random(f"data-{cfg.seed}")    # training order and card orders
@@ -282,8 +290,13 @@ def setup(cfg: Config) -> Run:
             model, tok = policy.load_policy(name, dtype=getattr(torch, cfg.dtype), device=device,
                                             lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt,
                                             seed=cfg.seed, amp=cfg.amp)
-        splits = data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt,
-                                demo=cfg.demo)
+        benchmarks = load_benchmarks(eval_task_list(cfg))
+        # --eval-only --eval-tasks: nothing else
+        splits = ({"train": [], "val": [], "test": []} if cfg.eval_only and benchmarks else
+                  data.load_task(cfg.task, cfg.seed, cfg.cards, cfg.target, style=cfg.prompt,
+                                 demo=cfg.demo, need_demos=not cfg.eval_only,
+                                 exclude=(math_tasks.problems(*benchmarks.values())
+                                          if not cfg.eval_only else frozenset())))
     except ValueError as e:
         raise UsageError(str(e)) from None
     parallel.join(device)  # under torchrun: the process group, from here on
@@ -294,6 +307,11 @@ def setup(cfg: Config) -> Run:
         torch.manual_seed(parallel.own_seed(cfg.seed))
         if cfg.fsdp:
             parallel.shard(model)
+    # held out means held out: no training or validation row holds a problem the run is scored on
+    overlap = len(splits.pop("overlap", []))
+    if overlap and not cfg.eval_only:
+        print(f"--task {cfg.task}: dropped {overlap} rows whose problem is in an evaluation set of "
+              "this run (train_rows_dropped_overlap in summary.json)")
     if not cfg.eval_only:  # SFT batches hold whole demonstrations: the long ones go at the door
         count = lambda texts: [len(ids) + 1  # + the end token
                                for ids in tok(texts, add_special_tokens=False).input_ids]
@@ -308,12 +326,12 @@ def setup(cfg: Config) -> Run:
     if cfg.fsdp and min(cfg.val_prompts, len(splits["val"]) or 1) % parallel.world():
         raise UsageError(f"--val-prompts must be a multiple of the {parallel.world()} processes "
                          "under --fsdp")
-    if not splits["test"] or (not cfg.eval_only and len(splits["train"]) < cfg.batch_size):
+    if (not splits["test"] and not benchmarks) or (not cfg.eval_only
+                                                   and len(splits["train"]) < cfg.batch_size):
         raise UsageError(f"--task {cfg.task}: {sizes}, too few for --batch-size {cfg.batch_size} "
                          "and a test split; use more rows or a smaller --batch-size")
-    if not cfg.max_new_tokens:
-        cfg.max_new_tokens = RECIPES[recipe]["gp_new_tokens"] if "test_ood" in splits else 512
-    shown = [*RECIPES[recipe], "max_new_tokens",
+    shown = [*RECIPES[recipe], *(["warmup_lr"] if "warmup_lr" not in RECIPES[recipe] else []),
+             "max_new_tokens",
              *(["verifier"] if "test_ood" not in splits else [])]  # math: which verifier
     print(f"recipe: {recipe} (" + ", ".join(f"{k}={getattr(cfg, k)}" for k in shown
                                             if k != "gp_new_tokens") + ")")
@@ -323,13 +341,17 @@ def setup(cfg: Config) -> Run:
     eos, end = policy.eos_ids(tok, model, chat), policy.end_id(tok, chat)
     # a small hand file may leave none
     splits["val"] = splits["val"] or [dict(r) for r in splits["train"]]
-    for split, rows in splits.items():  # training rows are formatted as they are drawn (reshuffled)
-        for r in rows if split != "train" else []:
-            r["prompt"] = policy.format_prompt(tok, r["prompt"], chat)
+    # a prompt in words, to a base model: answer it (the compact prompt ends in its own cue, '=')
+    cue = not chat and not (cfg.prompt == "compact" and "test_ood" in splits)
+    # training rows are formatted as they are drawn (reshuffled)
+    for rows in [*(v for k, v in splits.items() if k != "train"), *benchmarks.values()]:
+        for r in rows:
+            r["prompt"] = policy.format_prompt(tok, r["prompt"], chat, cue)
     # which test split the summary scores
     scored = dict(seed=cfg.seed, verifier=cfg.verifier, test_prompts=len(splits["test"]),
                   test_prompts_crc32=zlib.crc32("\n".join(r["prompt"]
-                                                          for r in splits["test"]).encode()))
+                                                          for r in splits["test"]).encode()),
+                  **({} if cfg.eval_only else {"train_rows_dropped_overlap": overlap}))
     # only now, with every input checked (by every process), do we create the output folder
     out = cfg.resume or cfg.out or os.path.join(
         "runs", f"{'eval' if cfg.eval_only else cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -337,13 +359,15 @@ def setup(cfg: Config) -> Run:
     if parallel.is_main():
         os.makedirs(out, exist_ok=True)
 
-    return Run(cfg, method, model, tok, splits, chat, eos, end, device, out, scored,
-               (data_rng, val_rng, val_stream), t_start)
+    return Run(cfg, method, model, tok, splits, benchmarks, chat, cue, eos, end, device, out,
+               scored, (data_rng, val_rng, val_stream), t_start)
 
 
 def main(cfg: Config):
     """Set a run up, then train and score it (or only score it, --eval-only). Returns the
-    summary."""
+    summary (--print-config: the resolved settings, and nothing is run)."""
+    if cfg.print_config:
+        return print_config(cfg)
     run = setup(cfg)
     return evaluate_only(run) if cfg.eval_only else train_and_score(run)
 
@@ -351,7 +375,8 @@ def main(cfg: Config):
 def evaluate_only(run: Run) -> dict:
     cfg = run.cfg
     summary = dict(method="eval-only", model=cfg.model, task=cfg.task, steps=0,
-                   **held_out_accuracy(run.model, run.tok, run.splits, cfg, run.eos, cfg.pass_k),
+                   **held_out_accuracy(run.model, run.tok, run.splits, cfg, run.eos, cfg.pass_k,
+                                       run.benchmarks),
                    **run.scored, wall_seconds=round(time.time() - run.t_start, 1),
                    device=run.device)
     if parallel.is_main():
@@ -414,7 +439,7 @@ class Trainer:
         demonstrations when the step needs them."""
         run = self.run
         rows = next_rows(run.splits["train"], self.state, run.streams[0], run.cfg.batch_size,
-                         run.tok, run.chat)
+                         run.tok, run.chat, run.cue)
         mine = parallel.share(rows)
         demos = policy.sft_batch(run.tok, [r["prompt"] for r in mine], [r["demo"] for r in mine],
                                  run.end, run.device) if now.demos else None
@@ -475,6 +500,9 @@ class Trainer:
         g_rl.clear()
         g_sft.clear()
         m["skipped"] = not (finite and math.isfinite(m["grad_norm"]))
+        m["lr"] = self.run.cfg.warmup_lr if now.warm else self.run.cfg.lr
+        for group in self.opt.param_groups:
+            group["lr"] = m["lr"]
         if not m["skipped"]:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -497,8 +525,8 @@ class Trainer:
                  samples_seen=state["samples_seen"])
         if state["step"] % cfg.eval_every == 0 or (state["step"] == cfg.steps
                                                    and not cfg.skip_test):
-            m["val_accuracy"] = evaluate(run.model, run.tok, run.splits["val"], cfg,
-                                         run.eos)["accuracy"]
+            m["val_accuracy"] = evaluate(run.model, run.tok, run.splits["val"], cfg, run.eos,
+                                         desc="validation")["accuracy"]
         if log:
             log.write(checkpoint.to_json(m) + "\n")
             log.flush()
@@ -549,14 +577,16 @@ def train_and_score(run: Run) -> dict:
         checkpoint.atomic_json(dataclasses.asdict(cfg), os.path.join(run.out, "config.json"))
     state = trainer.state
     if state["before"] is None:
-        state["before"] = held_out_accuracy(model, tok, splits, cfg, run.eos)
+        # benchmarks: avg@k before and after alike
+        state["before"] = held_out_accuracy(model, tok, splits, cfg, run.eos,
+                                            cfg.pass_k if run.benchmarks else 0, run.benchmarks)
     print(f"{cfg.method}: {len(splits['train'])} train / {len(splits['val'])} val / "
           f"{len(splits['test'])} test prompts")
     trainer.train()
     # training's peak (the largest process's)
     peak = max(parallel.gather_objects(checkpoint.peak_memory(run.device)))
     trainer.save()
-    after = held_out_accuracy(model, tok, splits, cfg, run.eos, cfg.pass_k)
+    after = held_out_accuracy(model, tok, splits, cfg, run.eos, cfg.pass_k, run.benchmarks)
     weights, _ = parallel.full_state(model)
     if not parallel.is_main():
         return None
